@@ -1,0 +1,151 @@
+"""Rule factories for the kinds of operation in design.md section 4.
+
+- pointwise: acts on each site independently; the output is zero at masked sites when the op maps
+  0 to 0 and its spatial inputs are zero there.
+- mixing: reads neighbouring sites (convolution, interpolation); its input must be zero at masked
+  sites, its output is not.
+- statistic: computes statistics over space; replaced by a masked implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ._registry import NONSPATIAL, Decision, Info, NodeView, Unsupported
+
+__all__ = [
+    "pointwise_rule",
+    "mixing_rule",
+    "statistic_rule",
+    "passthrough_nonspatial",
+    "module_preserves_zero",
+    "module_is_nonneg",
+    "common_layout",
+]
+
+# Activation modules by what they do at 0: (maps 0 to 0, output always >= 0).
+ACTIVATIONS: dict[type, tuple[bool, bool]] = {
+    nn.ReLU: (True, True), nn.ReLU6: (True, True), nn.GELU: (True, False), nn.SiLU: (True, False),
+    nn.Hardswish: (True, False), nn.Mish: (True, False), nn.ELU: (True, False),
+    nn.CELU: (True, False), nn.SELU: (True, False), nn.LeakyReLU: (True, False),
+    nn.PReLU: (True, False), nn.Tanh: (True, False), nn.Hardtanh: (True, False),
+    nn.Softsign: (True, False), nn.Tanhshrink: (True, False), nn.Hardshrink: (True, False),
+    nn.Softshrink: (True, False), nn.Identity: (True, False),
+    nn.Sigmoid: (False, True), nn.Hardsigmoid: (False, True), nn.Softplus: (False, True),
+    nn.Dropout: (True, False), nn.Dropout1d: (True, False), nn.Dropout2d: (True, False),
+    nn.Dropout3d: (True, False), nn.AlphaDropout: (False, False),
+}
+
+
+def _lookup(module: nn.Module | None) -> tuple[bool, bool] | None:
+    if module is None:
+        return (True, False)
+    for cls in type(module).__mro__:
+        if cls in ACTIVATIONS:
+            return ACTIVATIONS[cls]
+    return None
+
+
+def module_preserves_zero(module: nn.Module | None) -> bool:
+    found = _lookup(module)
+    return bool(found and found[0])
+
+
+def module_is_nonneg(module: nn.Module | None) -> bool:
+    found = _lookup(module)
+    return bool(found and found[1]) if module is not None else False
+
+
+def common_layout(view: NodeView, nodes: list) -> tuple[tuple[int, int], bool]:
+    """The spatial dims shared by ``nodes`` (after broadcasting) and whether all are aligned."""
+    out_shape = view.shape()
+    layouts = set()
+    aligned = True
+    for n in nodes:
+        info = view.info(n)
+        shape = view.shape(n)
+        # Broadcasting aligns trailing dims: shift positions by the rank difference.
+        shift = (len(out_shape) - len(shape)) if isinstance(out_shape, tuple) and shape else 0
+        layouts.add((info.spatial[0] + shift, info.spatial[1] + shift))
+        aligned = aligned and info.aligned
+    if len(layouts) != 1:
+        raise Unsupported(f"combines feature maps with different layouts {sorted(layouts)}")
+    return layouts.pop(), aligned
+
+
+def passthrough_nonspatial(view: NodeView) -> Decision:
+    shape = view.shape()
+    if isinstance(shape, list):  # a tuple of tensors
+        return Decision(out=tuple(NONSPATIAL for _ in shape))
+    return Decision(out=NONSPATIAL if shape is not None else None)
+
+
+def pointwise_rule(zero: bool | Callable[[NodeView], bool] = True,
+                   nonneg: bool | Callable[[NodeView], bool] = False) -> Callable[[NodeView], Decision]:
+    """Rule for ops applied at each site independently.
+
+    ``zero``: whether f(0) == 0 (a callable may decide per node, e.g. from a module's activation).
+    The output is zero at masked sites iff f(0) == 0, every spatial input is zero there, and no
+    non-spatial tensor input could add a non-zero value (callables see the whole node and decide).
+    """
+
+    def rule(view: NodeView) -> Decision:
+        spatial = view.spatial_inputs()
+        if not spatial:
+            return passthrough_nonspatial(view)
+        layout, aligned = common_layout(view, spatial)
+        maps_zero = zero(view) if callable(zero) else zero
+        out_zero = maps_zero and all(view.info(n).zero for n in spatial)
+        is_nonneg = nonneg(view) if callable(nonneg) else nonneg
+        return Decision(out=Info(spatial=layout, zero=out_zero, nonneg=is_nonneg, aligned=aligned))
+
+    return rule
+
+
+def mixing_rule(input_index: int = 0, input_name: str = "input", zero_out: bool = False,
+                masked: Callable[..., Any] | None = None,
+                nonneg: Callable[[NodeView], bool] | None = None) -> Callable[[NodeView], Decision]:
+    """Rule for ops that mix neighbouring sites: their input must be zero at masked sites."""
+
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(input_index, input_name)
+        info = view.info(x)
+        others = [n for n in view.spatial_inputs() if n is not x]
+        if others:
+            raise Unsupported("mixes a feature map into another operand (e.g. a spatial kernel)")
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        out = Info(spatial=info.spatial, zero=zero_out, nonneg=bool(nonneg and nonneg(view)),
+                   aligned=True)
+        return Decision(out=out, require_zero=[x], masked=masked, mask_of=x if masked else None)
+
+    return rule
+
+
+def statistic_rule(masked: Callable[..., Any], input_index: int = 0, input_name: str = "input",
+                   global_output: bool = False,
+                   nonneg: Callable[[NodeView], bool] | None = None) -> Callable[[NodeView], Decision]:
+    """Rule for ops computing statistics over space: replaced by ``masked``.
+
+    The replacement reads only active sites; its output is not zero at masked sites (it is a
+    per-site map of the same layout) unless ``global_output`` (no spatial dims left).
+    """
+
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(input_index, input_name)
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        if any(n is not x for n in view.spatial_inputs()):
+            raise Unsupported("takes a second feature map as a statistic input")
+        if global_output:
+            out = NONSPATIAL
+        else:
+            out = Info(spatial=info.spatial, zero=False, nonneg=bool(nonneg and nonneg(view)),
+                       aligned=info.aligned)
+        return Decision(out=out, masked=masked, mask_of=x)
+
+    return rule

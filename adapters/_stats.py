@@ -1,0 +1,54 @@
+"""Masked statistics without host synchronisation (design.md section 5).
+
+The mask is used as a 0/1 weight: sums over active sites, counts from the mask, no ``nonzero``, no
+boolean indexing, no ``.item()``. Sums accumulate in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["masked_sums", "moments_from_sums", "masked_moments", "apply_mask"]
+
+
+def masked_sums(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (sum x, sum x^2, count) over ``dims`` at active sites, in fp32, keepdim=True.
+
+    ``mask`` is 0/1, broadcastable to ``x``. Sizes of reduced dims where the mask is broadcast (size 1)
+    multiply the count, so a (B, 1, H, W) mask counts C * active sites when C is reduced too.
+    """
+    xm = x * mask.to(x.dtype)
+    s1 = xm.sum(dims, keepdim=True, dtype=torch.float32)
+    s2 = torch.linalg.vector_norm(xm, 2, dims, keepdim=True, dtype=torch.float32).square()
+    n = mask.sum(dims, keepdim=True, dtype=torch.float32)
+    repeat = math.prod(x.shape[d] for d in dims if mask.shape[d] == 1 and x.shape[d] != 1)
+    if repeat != 1:
+        n = n * repeat
+    return s1, s2, n
+
+
+def moments_from_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance from sums; a zero count gives mean 0, variance 0 (no NaN)."""
+    n_safe = n.clamp_min(1.0)
+    mean = s1 / n_safe
+    var = (s2 / n_safe - mean.square()).clamp_min(0.0)
+    return mean, var
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, biased variance and count over ``dims`` at active sites (fp32, keepdim=True)."""
+    s1, s2, n = masked_sums(x, mask, dims)
+    mean, var = moments_from_sums(s1, s2, n)
+    return mean, var, n
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x`` at masked sites (``mask`` is 0/1 and broadcastable); identity when mask is None."""
+    if mask is None:
+        return x
+    return x * mask.to(x.dtype)

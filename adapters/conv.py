@@ -1,0 +1,35 @@
+"""Convolutions (incl. transposed and timm's weight-standardised / 'same' variants).
+
+A convolution over inputs that are exactly zero at masked sites is the dense simulation of a sparse
+convolution: absent sites contribute nothing. So convs keep their own forward; their rule only asks
+for a zero input. Their output is not zero at masked sites (bias, active neighbours).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._kinds import mixing_rule
+from ._registry import register_rule
+
+for _t in (nn.Conv2d, nn.ConvTranspose2d, nn.LazyConv2d, nn.LazyConvTranspose2d):
+    register_rule(_t, mixing_rule())
+for _t in (F.conv2d, F.conv_transpose2d, torch.conv2d, torch.conv_transpose2d):
+    register_rule(_t, mixing_rule(0, "input"))
+
+
+def _register_timm() -> None:
+    try:
+        from timm.layers.cond_conv2d import CondConv2d
+        from timm.layers.conv2d_same import Conv2dSame, conv2d_same
+        from timm.layers.std_conv import ScaledStdConv2dSame, StdConv2dSame
+    except ImportError:
+        return
+    for cls in (Conv2dSame, StdConv2dSame, ScaledStdConv2dSame, CondConv2d):
+        register_rule(cls, mixing_rule())
+    register_rule(conv2d_same, mixing_rule(0, "x"))
+
+
+_register_timm()

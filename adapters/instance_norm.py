@@ -1,0 +1,49 @@
+"""Masked InstanceNorm: per-sample, per-channel statistics over active sites only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._kinds import statistic_rule
+from ._registry import register_rule
+from ._stats import masked_moments
+
+__all__ = ["masked_instance_norm", "masked_instance_norm_fn"]
+
+
+def masked_instance_norm_fn(mask, input, running_mean=None, running_var=None, weight=None, bias=None,
+                            use_input_stats=True, momentum=0.1, eps=1e-5):
+    """Mask-aware ``F.instance_norm``."""
+    if mask is None or not use_input_stats:
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                               momentum, eps)
+    mean, var, n = masked_moments(input, mask, tuple(range(2, input.dim())))  # (B, C, 1, 1)
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * (n / (n - 1).clamp_min(1.0))
+            running_mean.lerp_(mean.mean(0).flatten().to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.mean(0).flatten().to(running_var.dtype), momentum)
+    scale = torch.rsqrt(var + eps)
+    shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    if weight is not None:
+        scale = scale * weight.view(shape).float()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.view(shape).float()
+    return torch.addcmul(shift.to(input.dtype), input, scale.to(input.dtype))
+
+
+def masked_instance_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return module(x)
+    use_input_stats = module.training or not module.track_running_stats
+    return masked_instance_norm_fn(
+        mask, x, module.running_mean if module.track_running_stats and module.training else None,
+        module.running_var if module.track_running_stats and module.training else None,
+        module.weight, module.bias, use_input_stats, module.momentum or 0.1, module.eps)
+
+
+register_rule(nn.InstanceNorm2d, statistic_rule(masked_instance_norm))
+register_rule(F.instance_norm, statistic_rule(masked_instance_norm_fn))

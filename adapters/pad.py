@@ -1,0 +1,45 @@
+"""Zero padding: keeps a zero input zero, but shifts the grid (the output is not patch-aligned).
+
+Reflect / replicate / non-zero constant padding copy or invent values next to the image border; a
+masked canvas would change what they produce, so they are refused.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ._kinds import passthrough_nonspatial
+from ._registry import Decision, Info, NodeView, Unsupported, register_rule
+
+
+def _pad_rule(mode_value_of):
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(0, "input")
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        mode, value = mode_value_of(view)
+        if mode != "constant" or (value or 0) != 0:
+            raise Unsupported(f"{mode} padding with value {value} (only zero padding keeps absent "
+                              "sites absent)")
+        return Decision(out=Info(spatial=info.spatial, zero=True, nonneg=info.nonneg, aligned=False),
+                        require_zero=[x])
+
+    return rule
+
+
+register_rule(F.pad, _pad_rule(lambda v: (v.arg(2, "mode", "constant"), v.arg(3, "value", None))))
+register_rule(nn.ZeroPad2d, _pad_rule(lambda v: ("constant", 0)))
+register_rule(nn.ConstantPad2d, _pad_rule(lambda v: ("constant", v.module.value)))
+
+
+def _register_timm() -> None:
+    try:
+        from timm.layers.padding import pad_same
+    except ImportError:
+        return
+    register_rule(pad_same, _pad_rule(lambda v: ("constant", v.arg(4, "value", 0))))
+
+
+_register_timm()

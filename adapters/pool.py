@@ -1,0 +1,121 @@
+"""Masked pooling: max over active sites only, averages over active sites only.
+
+- Max pooling fills masked sites with -inf before pooling; a window with no active site gives 0.
+  When the input is known non-negative and zero at masked sites (ReLU before the pool, as in every
+  ResNet stem) the zeros can never win over an active value, so the pool runs unchanged.
+- Average pooling divides the pooled masked input by the pooled mask: the mean over the active sites
+  of each window (padding never counts).
+- Adaptive/global pooling uses the same two tricks; its output has no per-site meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._kinds import passthrough_nonspatial
+from ._registry import NONSPATIAL, Decision, Info, NodeView, Unsupported, register_rule
+
+__all__ = ["masked_max", "masked_average", "masked_max_pool", "masked_avg_pool",
+           "masked_max_pool_fn", "masked_avg_pool_fn"]
+
+
+def masked_max(pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """``pool`` (any max-type pooling) over active sites only; all-masked windows give 0."""
+    filled = x.masked_fill(mask == 0, float("-inf"))
+    out = pool(filled)
+    return out.masked_fill(out == float("-inf"), 0.0)
+
+
+def masked_average(pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """``pool`` (any linear averaging pool) over active sites only; all-masked windows give 0."""
+    m = mask.to(x.dtype)
+    num = pool(x * m)
+    den = pool(m)  # (B, 1, h, w): the fraction of active sites per window
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def masked_max_pool(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return module(x) if mask is None else masked_max(module, x, mask)
+
+
+def masked_avg_pool(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return module(x) if mask is None else masked_average(module, x, mask)
+
+
+def masked_max_pool_fn(fn: Callable) -> Callable:
+    def masked(mask, input, *args, **kwargs):
+        if mask is None:
+            return fn(input, *args, **kwargs)
+        return masked_max(lambda t: fn(t, *args, **kwargs), input, mask)
+
+    masked.__name__ = f"masked_{getattr(fn, '__name__', 'max_pool')}"
+    return masked
+
+
+def masked_avg_pool_fn(fn: Callable) -> Callable:
+    def masked(mask, input, *args, **kwargs):
+        if mask is None:
+            return fn(input, *args, **kwargs)
+        return masked_average(lambda t: fn(t, *args, **kwargs), input, mask)
+
+    masked.__name__ = f"masked_{getattr(fn, '__name__', 'avg_pool')}"
+    return masked
+
+
+def _pool_rule(masked, kind: str, adaptive: bool):
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(0, "input")
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        if info.spatial != (2, 3):
+            raise Unsupported("pools a feature map that is not in (N, C, H, W) layout")
+        if view.module is not None and getattr(view.module, "return_indices", False) or \
+                view.module is None and view.arg(5 if not adaptive else 2, "return_indices", False):
+            raise Unsupported("max pooling with return_indices")
+        if adaptive:
+            # The output grid does not line up with the patch grid: treat it as pooled vectors.
+            return Decision(out=NONSPATIAL, masked=masked, mask_of=x)
+        if kind == "max" and info.nonneg:
+            # Zeros at masked sites never exceed a non-negative active value: zero them (one
+            # multiply, often needed anyway) and run the pool as is.
+            return Decision(out=Info(spatial=info.spatial, zero=False, nonneg=True), require_zero=[x])
+        return Decision(out=Info(spatial=info.spatial, zero=False, nonneg=info.nonneg),
+                        masked=masked, mask_of=x)
+
+    return rule
+
+
+for _cls in (nn.MaxPool2d,):
+    register_rule(_cls, _pool_rule(masked_max_pool, "max", adaptive=False))
+for _cls in (nn.AvgPool2d,):
+    register_rule(_cls, _pool_rule(masked_avg_pool, "avg", adaptive=False))
+register_rule(nn.AdaptiveMaxPool2d, _pool_rule(masked_max_pool, "max", adaptive=True))
+register_rule(nn.AdaptiveAvgPool2d, _pool_rule(masked_avg_pool, "avg", adaptive=True))
+for _fn in (F.max_pool2d, torch.max_pool2d):
+    register_rule(_fn, _pool_rule(masked_max_pool_fn(_fn), "max", adaptive=False))
+register_rule(F.avg_pool2d, _pool_rule(masked_avg_pool_fn(F.avg_pool2d), "avg", adaptive=False))
+register_rule(torch._C._nn.avg_pool2d, _pool_rule(masked_avg_pool_fn(torch._C._nn.avg_pool2d), "avg",
+                                                  adaptive=False))
+register_rule(F.adaptive_max_pool2d, _pool_rule(masked_max_pool_fn(F.adaptive_max_pool2d), "max",
+                                                adaptive=True))
+register_rule(F.adaptive_avg_pool2d, _pool_rule(masked_avg_pool_fn(F.adaptive_avg_pool2d), "avg",
+                                                adaptive=True))
+
+
+def _register_timm() -> None:
+    try:
+        from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    except ImportError:
+        return
+    register_rule(MaxPool2dSame, _pool_rule(masked_max_pool, "max", adaptive=False))
+    register_rule(AvgPool2dSame, _pool_rule(masked_avg_pool, "avg", adaptive=False))
+
+
+_register_timm()

@@ -1,0 +1,107 @@
+"""Reductions over space (global pooling in SE / ECA / GRN blocks): over active sites only.
+
+``x.mean((2, 3))`` becomes sum over active sites / number of active sites; ``amax`` ignores masked
+sites; ``sum`` and ``norm`` of an input that is zero at masked sites are already correct and run
+unchanged. Reductions over channels only are per-site and keep the mask state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ._kinds import passthrough_nonspatial
+from ._registry import NONSPATIAL, Decision, Info, NodeView, Unsupported, register_rule
+
+__all__ = ["masked_mean", "masked_reduce"]
+
+
+def _norm_dims(dim, ndim: int) -> tuple[int, ...]:
+    if dim is None or dim == []:
+        return tuple(range(ndim))
+    if isinstance(dim, int):
+        return (dim % ndim,)
+    return tuple(d % ndim for d in dim)
+
+
+def masked_mean(mask, input, dim=None, keepdim=False, *, dtype=None):
+    """Mean over active sites of the reduced dims (fp32 accumulation, no host sync)."""
+    if mask is None:
+        return input.mean(dim, keepdim=keepdim, dtype=dtype) if dim is not None else input.mean(dtype=dtype)
+    dims = _norm_dims(dim, input.dim())
+    m = mask.to(input.dtype)
+    total = (input * m).sum(dims, keepdim=keepdim, dtype=torch.float32)
+    count = mask.sum(dims, keepdim=keepdim, dtype=torch.float32)
+    repeat = math.prod(input.shape[d] for d in dims if mask.shape[d] == 1)
+    out = total / (count * repeat).clamp_min(1.0)
+    return out.to(dtype or input.dtype)
+
+
+def masked_reduce(fn: Callable, fill: float | None) -> Callable:
+    """Masked version of a reduction ``fn(input, *args, **kwargs)``.
+
+    ``fill`` is what masked sites become before reducing: 0 for sum/norm, -inf for max, +inf for
+    min (the infinities of all-masked reductions are then replaced by 0).
+    """
+
+    def masked(mask, input, *args, **kwargs):
+        if mask is None:
+            return fn(input, *args, **kwargs)
+        if fill == 0.0:
+            return fn(input * mask.to(input.dtype), *args, **kwargs)
+        out = fn(input.masked_fill(mask == 0, fill), *args, **kwargs)
+        return out.masked_fill(out.isinf(), 0.0)
+
+    masked.__name__ = f"masked_{getattr(fn, '__name__', 'reduce')}"
+    return masked
+
+
+def _method(name: str) -> Callable:
+    def call(input, *args, **kwargs):
+        return getattr(input, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+def _reduce_rule(masked: Callable, kind: str, dim_index: int = 1, dim_name: str = "dim",
+                 keepdim_index: int = 2):
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(0, "input")
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        ndim = len(view.shape(x))
+        dims = _norm_dims(view.arg(dim_index, dim_name), ndim)
+        keepdim = bool(view.arg(keepdim_index, "keepdim", False))
+        touched = set(dims) & set(info.spatial)
+        if not touched:  # a reduction over channels: per site
+            layout = info.spatial if keepdim else tuple(
+                d - sum(1 for r in dims if r < d) for d in info.spatial)
+            keeps_zero = info.zero and kind in ("mean", "sum", "norm", "max", "min")
+            return Decision(out=Info(spatial=layout, zero=keeps_zero,
+                                     nonneg=info.nonneg or kind == "norm", aligned=info.aligned))
+        if touched != set(info.spatial):
+            raise Unsupported("reduces over one spatial dim only (e.g. coordinate attention); "
+                              "register an adapter for the block")
+        out = NONSPATIAL
+        if kind in ("sum", "norm") and info.zero:
+            return Decision(out=out)  # zeros at masked sites add nothing
+        return Decision(out=out, masked=masked, mask_of=x)
+
+    return rule
+
+
+register_rule("mean", _reduce_rule(masked_mean, "mean"))
+register_rule(torch.mean, _reduce_rule(masked_mean, "mean"))
+for _name, _fn, _kind, _fill in (("sum", torch.sum, "sum", 0.0), ("amax", torch.amax, "max", float("-inf")),
+                                 ("amin", torch.amin, "min", float("inf"))):
+    register_rule(_name, _reduce_rule(masked_reduce(_method(_name), _fill), _kind))
+    register_rule(_fn, _reduce_rule(masked_reduce(_fn, _fill), _kind))
+register_rule(torch.linalg.vector_norm, _reduce_rule(masked_reduce(torch.linalg.vector_norm, 0.0), "norm",
+                                                     dim_index=2, keepdim_index=3))
+register_rule(torch.norm, _reduce_rule(masked_reduce(torch.norm, 0.0), "norm", dim_index=2, keepdim_index=3))
+register_rule("norm", _reduce_rule(masked_reduce(_method("norm"), 0.0), "norm", dim_index=2,
+                                   keepdim_index=3))

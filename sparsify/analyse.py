@@ -1,0 +1,226 @@
+"""Step 2 of the pipeline: shapes, spatial layout and mask state of every tensor in the graph.
+
+``record_shapes`` runs the traced graph on example inputs and keeps each node's output shape.
+``analyse`` walks the graph in order, asks each operation's rule (``sparsify.adapters``) what it does
+to layout and mask state, and decides the fewest mask multiplies that keep the contract: a feature
+map is multiplied by the mask only where a consumer needs it to be zero at masked sites (a
+convolution, a stage output) and it may not be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from sparsify.adapters._registry import (
+    NONSPATIAL,
+    Decision,
+    Info,
+    NodeView,
+    Unsupported,
+    describe_target,
+    find_rule,
+)
+
+from .errors import SparsifyError
+from .trace import module_path
+
+__all__ = ["record_shapes", "analyse", "Analysis", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode, restoring each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [v.shape for v in value]
+    return None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as error:
+            raise SparsifyError(
+                f"running the traced graph on the example input failed at node '{n.name}' "
+                f"({describe_target(n)}): {type(error).__name__}: {error}. Check input_size and in_chans "
+                "match what the model accepts."
+            ) from error
+        self.shapes[n] = _shape_of(result)
+        return result
+
+
+def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, Any]:
+    """Output shape of every node for ``example`` (eval mode, no grad, the model left as it was).
+
+    Runs under a fake-tensor mode (shapes only, no arithmetic), falling back to a real run for
+    operations fake tensors cannot handle.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    recorder = _ShapeRecorder(gm)
+    try:
+        with torch.no_grad(), eval_mode(gm), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            recorder.run(mode.from_tensor(example))
+        return recorder.shapes
+    except SparsifyError:
+        recorder = _ShapeRecorder(gm)
+    with torch.no_grad(), eval_mode(gm):
+        recorder.run(example)
+    return recorder.shapes
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyse`."""
+
+    infos: dict[fx.Node, Any]
+    decisions: dict[fx.Node, Decision]
+    to_mask: set[fx.Node]
+    input_node: fx.Node
+    problems: list[str] = field(default_factory=list)
+
+
+def _is_aligned(shape_a, shape_b, spatial, size_a, size_b, ratio: int) -> bool:
+    """A map is patch-aligned when each spatial size is input / s (or input * k) at both sizes, with
+    s dividing the patch size, so the patch mask maps onto it by nearest-neighbour repetition."""
+    for dim, big_a, big_b in ((spatial[0], size_a[0], size_b[0]), (spatial[1], size_a[1], size_b[1])):
+        ha, hb = shape_a[dim], shape_b[dim]
+        if ha * big_b != hb * big_a:
+            return False
+        if big_a % ha == 0:
+            if ratio % (big_a // ha) != 0:
+                return False
+        elif ha % big_a != 0:
+            return False
+    return True
+
+
+def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
+            size_b: tuple[int, int], ratio: int, outputs: list[fx.Node]) -> Analysis:
+    """Classify every node of ``gm`` and choose where to multiply by the mask.
+
+    Raises SparsifyError listing every unsupported node (with module path, op and the fix).
+    """
+    modules = dict(gm.named_modules())
+    input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    to_mask: set[fx.Node] = set()
+    for _ in range(100):  # fixpoint: masking one node can make later multiplies unnecessary
+        infos, decisions, problems = _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio,
+                                           input_node, to_mask)
+        if problems:
+            raise SparsifyError(_problem_report(problems))
+        needed = set()
+        for decision in decisions.values():
+            for n in decision.require_zero:
+                if not infos[n].zero:
+                    needed.add(n)
+        for n in outputs:
+            if not infos[n].zero:
+                needed.add(n)
+        if needed <= to_mask:
+            break
+        to_mask |= needed
+    bad = []
+    for node in to_mask:
+        if not infos[node].aligned:
+            bad.append(f"  - node '{node.name}' ({describe_target(node)}): needs masking but its grid is "
+                       "shifted by padding or not a whole fraction of the patch grid")
+    for node, decision in decisions.items():
+        if decision.mask_of is not None and not infos[decision.mask_of].aligned:
+            bad.append(f"  - node '{node.name}' ({describe_target(node)}): computes statistics of a map "
+                       "whose grid does not line up with the patch grid")
+    if bad:
+        raise SparsifyError("sparsify cannot derive the mask for these feature maps:\n" + "\n".join(bad)
+                            + "\nUse padding that keeps sizes a whole fraction of the input, or register an "
+                            "adapter for the enclosing module (sparsify.register_adapter).")
+    return Analysis(infos=infos, decisions=decisions, to_mask=to_mask, input_node=input_node)
+
+
+def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio, input_node, to_mask):
+    infos: dict[fx.Node, Any] = {}
+    decisions: dict[fx.Node, Decision] = {}
+    problems: list[tuple[fx.Node, str]] = []
+    poisoned: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            infos[node] = Info(spatial=(2, 3), zero=True) if node is input_node else None
+            continue
+        if node.op == "output":
+            continue
+        shape = shapes_a.get(node)
+        if node.op == "get_attr":
+            infos[node] = NONSPATIAL if shape is not None else None
+            continue
+        inputs = node.all_input_nodes
+        if any(n in poisoned for n in inputs):
+            poisoned.add(node)
+            infos[node] = NONSPATIAL if shape is not None else None
+            continue
+        if shape is None:  # sizes, dtypes, Python values: nothing to mask
+            infos[node] = None
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        view = NodeView(node, module, infos, shapes_a)
+        rule = find_rule(node, module)
+        try:
+            if rule is None:
+                if view.spatial_inputs():
+                    raise Unsupported("no adapter is registered for this operation")
+                from sparsify.adapters._kinds import passthrough_nonspatial
+
+                decision = passthrough_nonspatial(view)
+            else:
+                decision = rule(view)
+        except Unsupported as reason:
+            problems.append((node, str(reason)))
+            poisoned.add(node)
+            infos[node] = NONSPATIAL
+            continue
+        out = decision.out
+        if isinstance(out, Info) and out.spatial is not None and isinstance(shape, torch.Size):
+            aligned = out.aligned and _is_aligned(shape, shapes_b[node], out.spatial, size_a, size_b, ratio)
+            zero = out.zero or node in to_mask
+            out = out.but(aligned=aligned, zero=zero)
+        infos[node] = out
+        decisions[node] = decision
+    return infos, decisions, problems
+
+
+def _problem_report(problems: list[tuple[fx.Node, str]]) -> str:
+    lines = [f"sparsify cannot make {len(problems)} operation(s) mask-aware (they touch spatial dims "
+             "in a way no adapter covers):"]
+    for node, reason in problems:
+        owner = module_path(node)
+        path = f" in module '{owner}'" if owner and node.op != "call_module" else ""
+        lines.append(f"  - node '{node.name}': {describe_target(node)}{path}: {reason}")
+    lines.append(
+        "Attention over positions, unfold, spatial slicing and unknown leaf modules cannot be simulated "
+        "as sparse convolution. If the operation is in fact mask-safe, or you can write a masked version, "
+        "register it: sparsify.register_adapter(MyModule, masked_forward, kind='statistic'|'mixing'|"
+        "'pointwise') (see README, 'Writing an adapter'); if it is after the last stage you need, pass "
+        "stages=[...] to stop before it."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Step 3 of the pipeline: emit the mask-aware graph.
+
+The new graph takes ``(x, mask)``. It zeroes masked input pixels, derives the mask at each resolution
+once (on first use), calls the adapters the analysis chose and multiplies by the mask exactly where
+the analysis asked for it. Modules are referenced by their original paths, so the result shares the
+user's Module, Parameter and buffer objects under the original state_dict names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from sparsify.adapters._stats import apply_mask
+
+from .analyse import Analysis
+
+__all__ = ["build_sparse_graph", "build_dense_graph", "mask_like", "apply_mask"]
+
+
+def mask_like(mask: torch.Tensor | None, ref: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor | None:
+    """The patch mask at ``ref``'s resolution and layout, as 0/1 floats (None stays None).
+
+    ``mask`` is (B, 1, h, w); the result has ``ref``'s rank, with the spatial sizes at ``spatial``
+    and 1 everywhere else but the batch dim, so it broadcasts against ``ref``.
+    """
+    if mask is None:
+        return None
+    h, w = ref.shape[spatial[0]], ref.shape[spatial[1]]
+    m = mask.to(torch.float32)
+    if m.shape[-2] != h or m.shape[-1] != w:
+        m = F.interpolate(m, size=(h, w), mode="nearest")
+    if spatial == (2, 3) and ref.dim() == 4:
+        return m
+    if spatial[0] > spatial[1]:
+        m = m.transpose(-1, -2)
+    shape = [1] * ref.dim()
+    shape[0], shape[spatial[0]], shape[spatial[1]] = m.shape[0], h, w
+    return m.reshape(shape)
+
+
+def _cut(gm: fx.GraphModule, outputs: list[fx.Node]) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    keep: set[fx.Node] = set()
+    todo = list(outputs)
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            todo.extend(n.all_input_nodes)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in keep or node.op == "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return graph, env
+
+
+def build_dense_graph(gm: fx.GraphModule, outputs: list[fx.Node]) -> fx.Graph:
+    """The original graph cut at the stage nodes, returning them as a list: the dense reference."""
+    graph, env = _cut(gm, outputs)
+    graph.output([env[n] for n in outputs])
+    graph.lint()
+    return graph
+
+
+def cut_graph_module(gm: fx.GraphModule, outputs: list[str]) -> fx.GraphModule:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return fx.GraphModule(gm, build_dense_graph(gm, [by_name[n] for n in outputs]), "cut")
+
+
+def build_sparse_graph(gm: fx.GraphModule, analysis: Analysis, outputs: list[fx.Node], shapes_a: dict,
+                       shapes_b: dict) -> fx.Graph:
+    """The mask-aware graph ``(x, mask=None) -> [features]`` for an analysed, cut graph module."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    mask_nodes: dict[tuple, fx.Node] = {}
+    infos = analysis.infos
+    x_in = graph.placeholder(analysis.input_node.name)
+    mask_in = graph.placeholder("mask", default_value=None)
+
+    def mask_for(node: fx.Node, new_node: fx.Node) -> fx.Node:
+        info = infos[node]
+        # Maps with the same sizes at both example sizes have the same size at every size.
+        sizes = tuple(shape[d] for shape in (shapes_a[node], shapes_b[node]) for d in info.spatial)
+        key = (sizes, info.spatial)
+        if key not in mask_nodes:
+            mask_nodes[key] = graph.call_function(mask_like, (mask_in, new_node, info.spatial))
+        return mask_nodes[key]
+
+    first = mask_for(analysis.input_node, x_in)
+    env[analysis.input_node] = graph.call_function(apply_mask, (x_in, first))
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        decision = analysis.decisions.get(node)
+        if decision is not None and decision.masked is not None:
+            m = mask_for(decision.mask_of, env[decision.mask_of])
+            if node.op == "call_module":
+                if len(node.args) != 1 or node.kwargs:
+                    raise NotImplementedError(f"adapter for module call with extra arguments ({node.name})")
+                module = graph.create_node("get_attr", node.target, name=f"{node.name}_module")
+                new = graph.create_node("call_function", decision.masked,
+                                        (module, env[node.args[0]], m), name=node.name)
+            else:
+                args = fx.map_arg(node.args, lambda n: env[n])
+                kwargs = fx.map_arg(node.kwargs, lambda n: env[n])
+                new = graph.create_node("call_function", decision.masked, (m, *args), kwargs,
+                                        name=node.name)
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        if node in analysis.to_mask:
+            new = graph.call_function(apply_mask, (new, mask_for(node, new)))
+        env[node] = new
+    graph.output([env[n] for n in outputs])
+    graph.lint()
+    return graph
