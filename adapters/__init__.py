@@ -26,10 +26,11 @@ from .instance_norm import masked_instance_norm, masked_instance_norm_fn
 from .layer_norm import masked_layer_norm, masked_layer_norm_fn
 from .pool import masked_average, masked_max
 from .reduce import masked_mean, masked_reduce
+from .register import register_adapter
 
 __all__ = [
     "Decision", "Info", "NodeView", "Unsupported", "find_rule", "register_rule", "apply_mask",
     "masked_moments", "masked_sums", "masked_batch_norm", "masked_batch_norm_fn", "masked_group_norm",
     "masked_group_norm_fn", "masked_instance_norm", "masked_instance_norm_fn", "masked_layer_norm",
-    "masked_layer_norm_fn", "masked_average", "masked_max", "masked_mean", "masked_reduce",
+    "masked_layer_norm_fn", "masked_average", "masked_max", "masked_mean", "masked_reduce", "register_adapter",
 ]

@@ -11,6 +11,12 @@ from .masking import random_mask
 __version__ = "0.1.0"
 
 # --- core (wrap) ---
+from .adapters import register_adapter
+from .encoder import SparseEncoder, graph_node_names, wrap
+from .stages import Stage
 # --- spark model (helper block: SparK, save_reconstructions, export_backbone) ---
 
-__all__ = ["SparsifyError", "random_mask", "__version__"]
+__all__ = [
+    "SparsifyError", "random_mask", "__version__", "wrap", "SparseEncoder", "Stage", "graph_node_names",
+    "register_adapter",
+]
