@@ -6,8 +6,6 @@ boolean indexing, no ``.item()``. Sums accumulate in fp32 whatever the input dty
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["masked_sums", "moments_from_sums", "masked_moments", "apply_mask"]
@@ -24,7 +22,10 @@ def masked_sums(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]
     s1 = xm.sum(dims, keepdim=True, dtype=torch.float32)
     s2 = torch.linalg.vector_norm(xm, 2, dims, keepdim=True, dtype=torch.float32).square()
     n = mask.sum(dims, keepdim=True, dtype=torch.float32)
-    repeat = math.prod(x.shape[d] for d in dims if mask.shape[d] == 1 and x.shape[d] != 1)
+    repeat = 1
+    for d in dims:  # a plain loop: torch.compile does not trace math.prod over a generator
+        if mask.shape[d] == 1:
+            repeat *= x.shape[d]
     if repeat != 1:
         n = n * repeat
     return s1, s2, n

@@ -7,7 +7,6 @@ unchanged. Reductions over channels only are per-site and keep the mask state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -34,7 +33,10 @@ def masked_mean(mask, input, dim=None, keepdim=False, *, dtype=None):
     m = mask.to(input.dtype)
     total = (input * m).sum(dims, keepdim=keepdim, dtype=torch.float32)
     count = mask.sum(dims, keepdim=keepdim, dtype=torch.float32)
-    repeat = math.prod(input.shape[d] for d in dims if mask.shape[d] == 1)
+    repeat = 1
+    for d in dims:
+        if mask.shape[d] == 1:
+            repeat *= input.shape[d]
     out = total / (count * repeat).clamp_min(1.0)
     return out.to(dtype or input.dtype)
 

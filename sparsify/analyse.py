@@ -10,6 +10,7 @@ convolution, a stage output) and it may not be.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,12 +82,17 @@ def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, An
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     recorder = _ShapeRecorder(gm)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a failed fake run is retried for real below
     try:
         with torch.no_grad(), eval_mode(gm), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             recorder.run(mode.from_tensor(example))
         return recorder.shapes
     except SparsifyError:
         recorder = _ShapeRecorder(gm)
+    finally:
+        fake_log.setLevel(level)
     with torch.no_grad(), eval_mode(gm):
         recorder.run(example)
     return recorder.shapes
@@ -131,7 +137,7 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
         infos, decisions, problems = _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio,
                                            input_node, to_mask)
         if problems:
-            raise SparsifyError(_problem_report(problems))
+            raise SparsifyError(_problem_report(problems, modules))
         needed = set()
         for decision in decisions.values():
             for n in decision.require_zero:
@@ -209,13 +215,14 @@ def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio, input_node, to
     return infos, decisions, problems
 
 
-def _problem_report(problems: list[tuple[fx.Node, str]]) -> str:
+def _problem_report(problems: list[tuple[fx.Node, str]], modules: dict[str, nn.Module]) -> str:
     lines = [f"sparsify cannot make {len(problems)} operation(s) mask-aware (they touch spatial dims "
              "in a way no adapter covers):"]
     for node, reason in problems:
         owner = module_path(node)
         path = f" in module '{owner}'" if owner and node.op != "call_module" else ""
-        lines.append(f"  - node '{node.name}': {describe_target(node)}{path}: {reason}")
+        kind = f" ({type(modules[node.target]).__name__})" if node.op == "call_module" else ""
+        lines.append(f"  - node '{node.name}': {describe_target(node)}{kind}{path}: {reason}")
     lines.append(
         "Attention over positions, unfold, spatial slicing and unknown leaf modules cannot be simulated "
         "as sparse convolution. If the operation is in fact mask-safe, or you can write a masked version, "

@@ -63,6 +63,8 @@ def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs) -> fx
     with eval_mode(model):
         eval_gm = trace(model, leaf_modules, autowrap_functions, tracer_kwargs)
     a, b = _signature(train_gm), _signature(eval_gm)
+    if a != b and _attention_report(eval_gm):
+        raise SparsifyError(f"cannot wrap {type(model).__name__}." + _attention_report(eval_gm))
     if a != b:
         index = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
         node = list(train_gm.graph.nodes)[min(index, len(a) - 1)]
@@ -74,6 +76,30 @@ def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs) -> fx
             "and register an adapter for it (sparsify.register_adapter)."
         )
     return eval_gm
+
+
+_ATTENTION_TARGETS = {F.scaled_dot_product_attention, torch.matmul, torch.bmm, torch.einsum, torch.baddbmm,
+                      F.multi_head_attention_forward, "matmul", "bmm", "__matmul__"}
+
+
+def _attention_report(gm: fx.GraphModule) -> str:
+    """A sentence naming attention-like nodes (matmul between activations, SDPA), or ''."""
+    import operator
+
+    modules = dict(gm.named_modules())
+    hits = []
+    for node in gm.graph.nodes:
+        target = node.target
+        is_attention = (target in _ATTENTION_TARGETS or target is operator.matmul
+                        or (node.op == "call_module" and isinstance(modules.get(target), nn.MultiheadAttention)))
+        if is_attention:
+            hits.append(f"'{node.name}' in module '{module_path(node) or '<top level>'}'")
+    if not hits:
+        return ""
+    shown = ", ".join(hits[:6]) + (f" and {len(hits) - 6} more" if len(hits) > 6 else "")
+    return (f" The model uses attention over positions ({shown}). Attention mixes every position with "
+            "every other, so masked patches cannot be treated as absent: sparsify supports convolutional "
+            "networks; for a hybrid model pass stages=[...] ending before the first attention block.")
 
 
 def _norm_type(gm: fx.GraphModule) -> str | None:
@@ -251,7 +277,13 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     in_chans = in_chans or _infer_in_chans(model)
     gm = _trace_checked(model, tuple(leaf_modules), tuple(autowrap_functions), tracer_kwargs)
     shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
-    shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
+    try:
+        shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
+    except SparsifyError as error:
+        raise SparsifyError(
+            f"{type(model).__name__} does not run at a second input size {size_b[0]}x{size_b[1]} (sparsify "
+            "runs two sizes to tell feature maps from fixed-size tensors)." + _attention_report(gm)
+            + f"\nDetails: {error}") from error
     names = None if stages == "auto" else list(stages)
     if isinstance(stages, str) and stages != "auto":
         raise SparsifyError(f"stages must be 'auto' or a list of node names, got {stages!r}")
