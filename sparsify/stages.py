@@ -47,6 +47,18 @@ def node_stride(shape_a: Any, shape_b: Any, size_a: tuple[int, int], size_b: tup
     return strides.pop() if len(strides) == 1 else None
 
 
+def _rough_stride(shape_a: Any, shape_b: Any, size_b: tuple[int, int]) -> int | None:
+    """Stride of a map whose size is only roughly input / stride (rounded: the input did not divide)."""
+    if not isinstance(shape_a, torch.Size) or len(shape_a) != 4 or not isinstance(shape_b, torch.Size):
+        return None
+    if shape_a[:2] != shape_b[:2] or 0 in shape_a[2:]:
+        return None
+    if any(abs(shape_b[d] - 2 * shape_a[d]) > 1 or shape_b[d] <= shape_a[d] for d in (2, 3)):
+        return None
+    rough = {round(size_b[0] / shape_b[2]), round(size_b[1] / shape_b[3])}
+    return rough.pop() if len(rough) == 1 else None
+
+
 def _reaches_output_without(graph: fx.Graph, start: fx.Node, output: fx.Node, skip: fx.Node) -> bool:
     seen = {skip}
     todo = [start]
@@ -117,6 +129,13 @@ def discover_stages(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: 
         raise SparsifyError("no feature map whose size scales with the input was found; check input_size "
                             "(it must be a multiple of the network's total stride) or pass stages=[...]")
     final = max(strides[n] for n in candidates)
+    coarser = [_rough_stride(shapes_a.get(n), shapes_b.get(n), size_b) for n in nodes if n in needed]
+    coarser = [r for r in coarser if r is not None and r > final]
+    if coarser:
+        ratio = max(coarser)
+        raise SparsifyError(f"input_size {size_a[0]}x{size_a[1]} is not a multiple of the network's downsample "
+                            f"ratio {ratio} (its deepest feature maps get rounded sizes); pass input_size as a "
+                            f"multiple of {ratio}")
     wanted = sorted({strides[n] for n in candidates if strides[n] >= min(4, final)})
     modules = dict(gm.named_modules())
     result: list[tuple[fx.Node, Stage]] = []
