@@ -1,0 +1,97 @@
+"""Shared command-line plumbing for the recipes: the user-error type, size parsing, exit codes.
+
+Every problem a user can fix (a missing data folder, an unknown model name, an input size that does
+not fit the model) is raised as :class:`RecipeError` (or sparsify's own :class:`SparsifyError`) and
+turned by :func:`run_main` into one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from sparsify.errors import SparsifyError
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+    "RecipeError",
+    "parse_size",
+    "format_size",
+    "run_main",
+    "warn",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class RecipeError(Exception):
+    """A problem with the command line, the data or the model that the user can fix.
+
+    The message must say what was wrong and what to do; the recipes print it and exit with code 2.
+    """
+
+
+def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
+    """Parse ``224``, ``"224"``, ``"192x256"`` (H x W) or ``(192, 256)`` into ``(H, W)``.
+
+    Raises:
+        RecipeError: when the text is not one or two positive integers.
+    """
+    if isinstance(text, int):
+        parts: list[str] = [str(text)]
+    elif isinstance(text, str):
+        parts = text.lower().replace("*", "x").replace(",", "x").split("x")
+    else:
+        parts = [str(v) for v in text]
+    try:
+        values = [int(p.strip()) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise RecipeError(f"input size must be one positive integer or HxW (e.g. 224 or 192x256), got {text!r}")
+    return values[0], values[1]
+
+
+def format_size(size: tuple[int, int]) -> str:
+    """``(224, 224)`` -> ``"224"``, ``(192, 256)`` -> ``"192x256"``."""
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def warn(message: str) -> None:
+    """Print a warning line on stderr without breaking an active progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def run_main(prog: str, body: Callable[[], int]) -> int:
+    """Run ``body`` and turn user errors into one clear stderr line and exit code 2.
+
+    Set ``SPARSIFY_TRACEBACK=1`` to see the full traceback of such an error as well.
+    """
+    try:
+        return body()
+    except (RecipeError, SparsifyError) as err:
+        if os.environ.get("SPARSIFY_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+def quiet_known_warnings() -> None:
+    """Silence third-party warnings that say nothing actionable to a recipe user."""
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Overwriting .* in registry.*")

@@ -1,0 +1,58 @@
+"""Helpers for the recipe tests: tiny generated image folders, the tiny CNN, running the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+TINY = f"{HERE / 'tiny_models.py'}:tiny_cnn"
+
+
+def _smooth_image(rng: np.random.Generator, h: int, w: int, tint: np.ndarray | None = None) -> np.ndarray:
+    """A smooth random picture (a learnable signal, unlike white noise)."""
+    small = rng.random((4, 5, 3))
+    img = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    img = img + rng.normal(0, 8, img.shape)
+    if tint is not None:
+        img = 0.5 * img + 0.5 * tint
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_image_folder(root: Path, n: int = 12, corrupt: int = 1, size: tuple[int, int] = (40, 52)) -> Path:
+    """ImageFolder-style tree of ``n`` PNG/JPEG images (two classes, nested) plus ``corrupt`` bad files."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = root / f"class{i % 2}" / ("deep" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        ext = "png" if i % 2 else "jpg"
+        Image.fromarray(_smooth_image(rng, *size)).save(sub / f"img{i:03d}.{ext}")
+    for j in range(corrupt):
+        (root / "class0" / f"broken{j}.jpg").write_bytes(b"\xff\xd8\xff this is not really a jpeg")
+    return root
+
+
+def make_labelled_folder(root: Path, per_class: int = 8, classes: int = 2, size: tuple[int, int] = (36, 36)) -> Path:
+    """A labelled ImageFolder whose classes differ by colour (so a classifier can learn them)."""
+    rng = np.random.default_rng(1)
+    tints = [np.array([230, 40, 40]), np.array([40, 40, 230]), np.array([40, 230, 40])]
+    for c in range(classes):
+        d = root / f"cls{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_smooth_image(rng, *size, tint=tints[c % 3])).save(d / f"{i}.png")
+    return root
+
+
+def metrics(run: Path) -> list[dict]:
+    """Rows of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """step -> loss of a run."""
+    return {r["step"]: r["loss"] for r in metrics(run)}

@@ -1,0 +1,86 @@
+"""Two processes (torchrun, gloo on CPU) x batch b take the same step as one process x batch 2b."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _recipe_helpers import TINY, losses
+from sparsify.recipes import pretrain
+
+ARGS = [
+    "--model",
+    TINY,
+    "--input-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--decoder-width",
+    "32",
+    "--steps",
+    "2",
+    "--save-every",
+    "1",
+    "--keep",
+    "0",
+    "--base-lr",
+    "0.5",
+    "--warmup-steps",
+    "0",
+    "--vis-images",
+    "0",
+    "--no-tensorboard",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--seed",
+    "1",
+]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(image_folder: Path, tmp_path: Path) -> None:
+    data = ["--data", str(image_folder)]
+    one = tmp_path / "one"
+    assert pretrain.main([*data, *ARGS, "--out", str(one)]) == 0
+
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "sparsify.recipes.pretrain",
+        *data,
+        *ARGS,
+        "--out",
+        str(two),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+
+    la, lb = losses(one), losses(two)
+    assert la[1] == pytest.approx(lb[1], rel=1e-5)
+    for step in (1, 2):
+        a = torch.load(one / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=True)["model"]
+        b = torch.load(two / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=True)["model"]
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], torch.Tensor) and a[k].is_floating_point():
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"step {step}: {k}")
+    assert la[2] == pytest.approx(lb[2], rel=1e-4)
