@@ -18,44 +18,88 @@ from ._stats import masked_sums, moments_from_sums
 __all__ = ["masked_batch_norm", "masked_batch_norm_fn"]
 
 
-def _sync_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor, group=None):
-    """All-reduce the masked sums across ranks, differentiably (SyncBatchNorm semantics)."""
-    from torch.distributed.nn.functional import all_reduce
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.contiguous()
+    dist.all_reduce(t, group=group)
+    return t
 
-    c = s1.shape[1]
-    packed = torch.cat([s1.flatten(), s2.flatten(), n.flatten()])
-    packed = all_reduce(packed, group=group)
-    shape = s1.shape
-    return packed[:c].view(shape), packed[c:2 * c].view(shape), packed[2 * c:].view(n.shape)
+
+class _MaskedBatchNorm(torch.autograd.Function):
+    """BatchNorm with statistics over active sites, in few passes over memory.
+
+    Forward: the masked sums (one multiply, two fp32 reductions), then the native BatchNorm kernel with
+    those statistics. Backward: the native kernel's per-site part plus one fused correction for the
+    statistics' dependence on the active inputs. Values at masked sites carry no gradient: the
+    rewrite guarantees they never reach an active output.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                group, synchronise):
+        dims = tuple(d for d in range(x.dim()) if d != 1)
+        s1, s2, n = masked_sums(x, mask, dims)
+        if synchronise:
+            c = s1.shape[1]
+            packed = _all_reduce(torch.cat([s1.flatten(), s2.flatten(), n.flatten()[:1]]), group)
+            s1, s2, n = packed[:c].view_as(s1), packed[c:2 * c].view_as(s2), packed[2 * c:].view(1, 1, 1, 1)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        mean, var = moments_from_sums(s1, s2, n, acc)
+        mean, var, n = mean.flatten(), var.flatten(), n.to(acc)
+        if running_mean is not None:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            factor = 1.0 / num_batches_tracked.to(torch.float32) if momentum is None else momentum
+            has_data = n.flatten()[0] > 0  # the count is the same for every channel
+            unbiased = var * (n.flatten()[0] / (n.flatten()[0] - 1).clamp_min(1.0))
+            old_mean, old_var = running_mean.to(mean.dtype), running_var.to(var.dtype)
+            new_mean = torch.lerp(old_mean, mean, factor)
+            new_var = torch.lerp(old_var, unbiased, factor)
+            running_mean.copy_(torch.where(has_data, new_mean, old_mean))
+            running_var.copy_(torch.where(has_data, new_var, old_var))
+        param_dtype = weight.dtype if weight is not None else acc
+        mean_p, var_p = mean.to(param_dtype), var.to(param_dtype)
+        y = F.batch_norm(x, mean_p, var_p, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, mask, weight, mean_p, var_p, n)
+        ctx.eps, ctx.group, ctx.synchronise = eps, group, synchronise
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mask, weight, mean, var, n = ctx.saved_tensors
+        w = weight if weight is not None else torch.ones_like(mean)
+        grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(memory_format=_memory_format(x)), x, w, mean, var, None, None, False, ctx.eps,
+            [True, True, True])
+        grad_w = sum_g_xhat if weight is not None and ctx.needs_input_grad[2] else None
+        grad_b = sum_g if ctx.has_bias and ctx.needs_input_grad[3] else None
+        if ctx.synchronise:
+            packed = _all_reduce(torch.cat([sum_g, sum_g_xhat]), ctx.group)
+            sum_g, sum_g_xhat = packed.chunk(2)
+        # d/dx of the statistics: -m * w * rstd / n * (sum g + xhat * sum g*xhat), as alpha + beta * x
+        acc = torch.promote_types(var.dtype, torch.float32)
+        rstd = torch.rsqrt(var.to(acc) + ctx.eps)
+        k = w.to(acc) * rstd / n.flatten()[0].clamp_min(1.0)
+        beta = -k * rstd * sum_g_xhat.to(acc)
+        alpha = -k * sum_g.to(acc) - beta * mean.to(acc)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        correction = torch.addcmul(alpha.view(shape).to(x.dtype), x, beta.view(shape).to(x.dtype))
+        grad_x = grad_x.addcmul_(correction, mask.to(x.dtype))
+        return grad_x, None, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _normalise(x, mask, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
                num_batches_tracked=None, sync_group=None, synchronise=False):
-    channel_dims = tuple(d for d in range(x.dim()) if d != 1)
-    s1, s2, n = masked_sums(x, mask, channel_dims)
-    if synchronise:
-        s1, s2, n = _sync_sums(s1, s2, n, sync_group)
-    mean, var = moments_from_sums(s1, s2, n)
-    if running_mean is not None and use_batch_stats:
-        with torch.no_grad():
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as nn.BatchNorm does
-                factor = 1.0 / num_batches_tracked.to(torch.float32)
-            else:
-                factor = momentum
-            has_data = n.flatten()[0] > 0  # the count is the same for every channel
-            unbiased = var * (n / (n - 1).clamp_min(1.0))
-            new_mean = torch.lerp(running_mean.float(), mean.flatten(), factor)
-            new_var = torch.lerp(running_var.float(), unbiased.flatten(), factor)
-            running_mean.copy_(torch.where(has_data, new_mean, running_mean.float()))
-            running_var.copy_(torch.where(has_data, new_var, running_var.float()))
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd if weight is None else rstd * weight.view_as(rstd).float()
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.view_as(shift).float()
-    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+    update = running_mean is not None and use_batch_stats
+    return _MaskedBatchNorm.apply(
+        x, mask.to(x.dtype), weight, bias, running_mean if update else None, running_var if update else None,
+        num_batches_tracked if update else None, momentum, eps, sync_group, synchronise)
 
 
 def masked_batch_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

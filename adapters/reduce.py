@@ -31,8 +31,9 @@ def masked_mean(mask, input, dim=None, keepdim=False, *, dtype=None):
         return input.mean(dim, keepdim=keepdim, dtype=dtype) if dim is not None else input.mean(dtype=dtype)
     dims = _norm_dims(dim, input.dim())
     m = mask.to(input.dtype)
-    total = (input * m).sum(dims, keepdim=keepdim, dtype=torch.float32)
-    count = mask.sum(dims, keepdim=keepdim, dtype=torch.float32)
+    acc = torch.float32 if input.device.type == "mps" else torch.float64  # as in _stats.masked_sums
+    total = (input * m).sum(dims, keepdim=keepdim, dtype=acc)
+    count = mask.sum(dims, keepdim=keepdim, dtype=acc)
     repeat = 1
     for d in dims:
         if mask.shape[d] == 1:
