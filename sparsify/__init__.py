@@ -5,18 +5,29 @@ convolutions, normalisations and pooling treat masked image patches as absent; `
 adds densify, a generated UNet decoder and the masked-patch loss.
 """
 
+from . import testing  # contract assertions; its Hypothesis strategies load lazily
+from .adapters import register_adapter
+from .encoder import SparseEncoder, graph_node_names, wrap
 from .errors import SparsifyError
 from .masking import random_mask
+from .spark import SparK, export_backbone, save_reconstructions
+from .stages import Stage
+from .verify import verify
 
 __version__ = "0.1.0"
 
-# --- core (wrap) ---
-from .adapters import register_adapter
-from .encoder import SparseEncoder, graph_node_names, wrap
-from .stages import Stage
-# --- spark model (helper block: SparK, save_reconstructions, export_backbone) ---
-
 __all__ = [
-    "SparsifyError", "random_mask", "__version__", "wrap", "SparseEncoder", "Stage", "graph_node_names",
+    "SparK",
+    "SparseEncoder",
+    "SparsifyError",
+    "Stage",
+    "__version__",
+    "export_backbone",
+    "graph_node_names",
+    "random_mask",
     "register_adapter",
+    "save_reconstructions",
+    "testing",
+    "verify",
+    "wrap",
 ]

@@ -36,7 +36,7 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 def _infer_in_chans(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            return m.in_channels * (1 if m.groups == 1 else 1)
+            return m.in_channels
     raise SparsifyError("could not infer the number of input channels (no nn.Conv2d found); "
                         "pass in_chans=... to sparsify.wrap")
 
