@@ -1,0 +1,154 @@
+"""``sparsify.verify(enc)``: run the sparse-encoder contract checks on random data.
+
+Checks (design.md section 2), each in train and eval mode, at the encoder's traced input size and at
+a non-square variant of it: zero at masked sites; dense equality with nothing masked (``mask=None``
+and an all-visible mask) against ``enc.dense_encoder()``; canvas invariance (padding right/bottom
+with whole masked patches of garbage); fully masked samples invisible to the others. With ``model=``
+also: the encoder shares the model's parameter and buffer objects under the same names.
+
+All failures are collected into one :class:`~sparsify.SparsifyError` whose message lists every
+check with its max error; on success a :class:`VerifyReport` is returned. The encoder's buffers
+(BatchNorm running statistics), train/eval flags and the global RNG state are left as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .errors import SparsifyError
+from .testing.assertions import (
+    ATOL,
+    DENSE_ATOL,
+    DENSE_RTOL,
+    RTOL,
+    CheckResult,
+    check_shares_parameters,
+    format_results,
+    run_contract_checks,
+)
+
+__all__ = ["VerifyReport", "verify"]
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` checked.
+
+    Attributes:
+        results: every :class:`~sparsify.testing.CheckResult`, labelled with the input size used.
+        sizes: the input sizes checked.
+    """
+
+    results: list[CheckResult] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every check held."""
+        return all(r.passed for r in self.results)
+
+    @property
+    def max_errors(self) -> dict[str, float]:
+        """Worst error per check (over sizes and modes), keyed by check name."""
+        out: dict[str, float] = {}
+        for r in self.results:
+            out[r.name] = max(out.get(r.name, 0.0), r.max_error)
+        return out
+
+    def __str__(self) -> str:
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
+        return format_results(self.results, f"sparsify.verify at input sizes {sizes}:")
+
+
+def _variant(size: tuple[int, int], r: int) -> tuple[int, int]:
+    """A non-square companion of ``size`` (a multiple of R on both sides)."""
+    h, w = size
+    return (h, w + r) if h == w else (w, h)
+
+
+def verify(
+    enc: nn.Module,
+    *,
+    batch: int = 2,
+    input_size: tuple[int, int] | None = None,
+    ratio: float = 0.6,
+    seed: int = 0,
+    model: nn.Module | None = None,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    dense_atol: float = DENSE_ATOL,
+    dense_rtol: float = DENSE_RTOL,
+) -> VerifyReport:
+    """Run the contract checks on random inputs and masks; raise one SparsifyError listing all failures.
+
+    Args:
+        enc: an encoder returned by :func:`sparsify.wrap`.
+        batch: samples per random batch.
+        input_size: ``(H, W)``, multiples of R; defaults to the size the encoder was traced with.
+            A non-square variant (one more patch column, or H and W swapped) is checked as well.
+        ratio: fraction of patches masked.
+        seed: seed of the random inputs, masks and garbage fills.
+        model: the wrapped model; when given, parameter sharing is checked too.
+        atol, rtol, dense_atol, dense_rtol: tolerances (see
+            :func:`sparsify.testing.assert_sparse_semantics`).
+
+    Returns:
+        A :class:`VerifyReport` with every check's max error.
+
+    Raises:
+        SparsifyError: if any check fails; the message lists every check, its mode, input size and
+            max error, and where the worst error occurred.
+    """
+    r = int(enc.downsample_ratio)
+    if input_size is None:
+        input_size = getattr(enc, "input_size", None)
+    if input_size is None:
+        input_size = (2 * r, 2 * r)
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    input_size = (int(input_size[0]), int(input_size[1]))
+    if input_size[0] % r or input_size[1] % r:
+        raise SparsifyError(
+            f"verify: input_size {input_size} must be a multiple of the downsample ratio {r} on both sides"
+        )
+    sizes = [input_size, _variant(input_size, r)]
+    device = next((p.device for p in enc.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in enc.parameters() if p.is_floating_point()), torch.float32)
+    chans = int(getattr(enc, "in_chans", 3))
+    report = VerifyReport(sizes=sizes)
+    for size in sizes:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, chans, *size, generator=g).to(device=device, dtype=dtype)
+        where = f"{size[0]}x{size[1]}"
+        try:
+            results, _ = run_contract_checks(
+                enc,
+                x,
+                None,
+                ratio=ratio,
+                atol=atol,
+                rtol=rtol,
+                dense_atol=dense_atol,
+                dense_rtol=dense_rtol,
+                generator=g,
+            )
+        except Exception as e:  # a crash is a failed check, reported with the others
+            results = [
+                CheckResult("runs without error", "", False, float("inf"), detail=f"{type(e).__name__}: {e}")
+            ]
+        for res in results:
+            res.context = where
+        report.results += results
+    if model is not None:
+        report.results.append(check_shares_parameters(enc, model))
+    if not report.passed:
+        raise SparsifyError(
+            str(report)
+            + "\nThe encoder breaks the sparse-encoder contract (design.md section 2). If a custom layer is "
+            "involved, check its adapter with sparsify.testing.assert_sparse_semantics on a small module "
+            "containing it."
+        )
+    return report
