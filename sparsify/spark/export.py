@@ -3,10 +3,13 @@
 ``export_backbone(enc_or_spark, "backbone.safetensors")`` writes the encoder's state_dict, which is the
 user's model's state_dict minus the head that ``sparsify.wrap`` cut away. Load it into a fresh model of
 the same architecture with ``model.load_state_dict(load_backbone(path), strict=False)``: the only
-missing keys are the head's. With timm::
+missing keys are the head's (torchvision models included). With timm, for a new classifier::
 
-    timm.create_model(name, pretrained=True, num_classes=10,
+    timm.create_model(name, pretrained=True, num_classes=10, in_chans=...,
                       pretrained_cfg_overlay=dict(file="backbone.safetensors"))
+
+(timm drops the classifier and loads the rest non-strictly only when ``num_classes`` differs from the
+pretrained config's, 1000 for ImageNet models; use ``num_classes=0`` for a headless feature extractor.)
 """
 
 from __future__ import annotations

@@ -214,3 +214,14 @@ def test_runs_under_bf16_autocast_on_cpu():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in spark.parameters())
+
+
+def test_fullgraph_compile_traces_without_breaks():
+    """Dynamo traces the whole model in one graph (no .item(), no data-dependent shapes)."""
+    torch._dynamo.reset()
+    spark = SparK(ToyEncoder(3, (8, 16), (4, 8), "batch"), decoder_width=16).eval()
+    compiled = torch.compile(spark, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 32, 48)
+    mask = _mask(2, 4, 6)
+    torch.testing.assert_close(compiled(x, mask=mask), spark(x, mask=mask))
+    assert torch.isfinite(compiled(x))
