@@ -12,10 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._kinds import mixing_rule
-from ._registry import register_rule
+from ._registry import Decision, NodeView, Unsupported, register_rule
+
+_mixing = mixing_rule()
+
+
+def _module_rule(view: NodeView) -> Decision:
+    # padding_mode="reflect"/"replicate"/"circular" pads with copies of border sites: see pad.py.
+    mode = getattr(view.module, "padding_mode", "zeros")
+    if mode != "zeros":
+        raise Unsupported(f"convolution with padding_mode={mode!r} (only zero padding keeps absent sites "
+                          "absent)")
+    return _mixing(view)
+
 
 for _t in (nn.Conv2d, nn.ConvTranspose2d, nn.LazyConv2d, nn.LazyConvTranspose2d):
-    register_rule(_t, mixing_rule())
+    register_rule(_t, _module_rule)
 for _t in (F.conv2d, F.conv_transpose2d, torch.conv2d, torch.conv_transpose2d):
     register_rule(_t, mixing_rule(0, "input"))
 
@@ -28,7 +40,7 @@ def _register_timm() -> None:
     except ImportError:
         return
     for cls in (Conv2dSame, StdConv2dSame, ScaledStdConv2dSame, CondConv2d):
-        register_rule(cls, mixing_rule())
+        register_rule(cls, _module_rule)
     register_rule(conv2d_same, mixing_rule(0, "x"))
 
 

@@ -40,9 +40,10 @@ def masked_instance_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor 
         return module(x)
     use_input_stats = module.training or not module.track_running_stats
     return masked_instance_norm_fn(
-        mask, x, module.running_mean if module.track_running_stats and module.training else None,
-        module.running_var if module.track_running_stats and module.training else None,
-        module.weight, module.bias, use_input_stats, module.momentum or 0.1, module.eps)
+        mask, x, module.running_mean if module.track_running_stats else None,
+        module.running_var if module.track_running_stats else None,
+        module.weight, module.bias, use_input_stats,
+        module.momentum if module.momentum is not None else 0.0, module.eps)  # as nn.InstanceNorm does
 
 
 register_rule(nn.InstanceNorm2d, statistic_rule(masked_instance_norm))

@@ -8,11 +8,12 @@ the rarer normalisation over space as well, dispatched from the LayerNorm rules.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ._kinds import statistic_rule
-from ._registry import Decision, NodeView, register_rule
+from ._registry import Decision, NodeView, Unsupported, register_rule
 from ._stats import masked_moments
 from .pointwise import _last_dim_rule
 
@@ -52,9 +53,17 @@ def _dispatch(per_site, over_space, normalised_dims_of):
     return rule
 
 
+def _fn_normalised_dims(view: NodeView) -> int:
+    shape = view.arg(1, "normalized_shape")
+    if isinstance(shape, fx.Node):  # e.g. x.shape[1:]: only known at run time
+        raise Unsupported("layer_norm with a normalized_shape computed at run time (e.g. x.shape[1:]); "
+                          "pass a fixed tuple")
+    return len(shape)
+
+
 register_rule(nn.LayerNorm, _dispatch(
     _last_dim_rule(lambda v: v.module.bias, lambda v: len(v.module.normalized_shape), "LayerNorm"),
     statistic_rule(masked_layer_norm), lambda v: len(v.module.normalized_shape)))
 register_rule(F.layer_norm, _dispatch(
-    _last_dim_rule(lambda v: v.arg(3, "bias"), lambda v: len(v.arg(1, "normalized_shape")), "layer_norm"),
-    statistic_rule(masked_layer_norm_fn), lambda v: len(v.arg(1, "normalized_shape"))))
+    _last_dim_rule(lambda v: v.arg(3, "bias"), _fn_normalised_dims, "layer_norm"),
+    statistic_rule(masked_layer_norm_fn), _fn_normalised_dims))

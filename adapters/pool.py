@@ -76,8 +76,11 @@ def _pool_rule(masked, kind: str, adaptive: bool):
             return passthrough_nonspatial(view)
         if info.spatial != (2, 3):
             raise Unsupported("pools a feature map that is not in (N, C, H, W) layout")
-        if view.module is not None and getattr(view.module, "return_indices", False) or \
-                view.module is None and view.arg(5 if not adaptive else 2, "return_indices", False):
+        # max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices);
+        # adaptive_max_pool2d(input, output_size, return_indices); average pools have none.
+        if kind == "max" and (view.module is not None and getattr(view.module, "return_indices", False) or
+                              view.module is None and view.arg(6 if not adaptive else 2, "return_indices",
+                                                               False)):
             raise Unsupported("max pooling with return_indices")
         if adaptive:
             # The output grid does not line up with the patch grid: treat it as pooled vectors.

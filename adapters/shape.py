@@ -114,13 +114,19 @@ for _t in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
 
 def _cat_rule(view: NodeView) -> Decision:
     tensors = view.arg(0, "tensors")
-    infos = [view.info(t) for t in tensors]
+    if isinstance(tensors, torch.fx.Node):  # a split/chunk result passed whole: torch.cat(x.chunk(2, 1))
+        infos = view.info(tensors)
+        infos = list(infos) if isinstance(infos, tuple) else [infos]
+        shapes = view.shape(tensors)
+    else:
+        infos = [view.info(t) for t in tensors]
+        shapes = [view.shape(t) for t in tensors]
     spatial = [i for i in infos if i is not None and i.spatial is not None]
     if not spatial:
         return passthrough_nonspatial(view)
     if len(spatial) != len(infos) or len({i.spatial for i in spatial}) != 1:
         raise Unsupported("concatenates feature maps with non-spatial tensors or different layouts")
-    ndim = len(view.shape(tensors[0]))
+    ndim = len(shapes[0])
     dim = view.arg(1, "dim", 0)
     layout = spatial[0].spatial
     if view.node.target is torch.stack:
