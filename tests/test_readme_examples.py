@@ -1,0 +1,33 @@
+"""The README's adapter example works as written: register, wrap, verify."""
+
+import torch
+
+import sparsify
+from sparsify.adapters import masked_moments
+from sparsify.testing import assert_sparse_semantics
+
+
+class MyNorm(torch.nn.Module):  # normalises each sample over (C, H, W)
+    def forward(self, x):
+        return (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 1e-5)
+
+
+def test_readme_custom_adapter_example():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), MyNorm(), torch.nn.Conv2d(8, 8, 3, 2, 1))
+    # unregistered, MyNorm's statistics over space are refused, naming the operation
+    try:
+        sparsify.wrap(net, (32, 48))
+    except sparsify.SparsifyError as error:
+        assert "std" in str(error) or "mean" in str(error)
+    else:
+        raise AssertionError("MyNorm should be refused before an adapter is registered")
+
+    @sparsify.register_adapter(MyNorm)
+    def masked_my_norm(module, x, mask):
+        if mask is None:
+            return module(x)
+        mean, var, n = masked_moments(x, mask, (1, 2, 3))
+        return (x - mean) / (var * n / (n - 1) + 1e-10).sqrt().add(1e-5)
+
+    results = assert_sparse_semantics(net, input_size=(32, 48))
+    assert all(r.passed for r in results)
