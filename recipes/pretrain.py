@@ -79,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "model": "resnet18",
         "input_size": "96",
-        "steps": 120,
+        "steps": 100,
         "batch_size": 32,
         "base_lr": 0.24,  # lr 0.03 at batch 32: a short run needs large LAMB steps
         "warmup_steps": 10,
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "SparK masked pretraining (arXiv 2301.03580) for any CNN. With no arguments: a ~3 minute CPU "
-            "demo (resnet18, 96 px, 120 steps) on photographs bundled with scikit-image. With --data: "
+            "demo (resnet18, 96 px, 100 steps) on photographs bundled with scikit-image. With --data: "
             "the paper's ImageNet recipe (resnet50, 224 px, batch 4096, 1600 epochs, LAMB, base lr 2e-4, "
             "40 warm-up epochs, wd 0.04->0.2, mask 0.6); override any of it with the flags below."
         ),
