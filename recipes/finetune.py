@@ -363,7 +363,8 @@ def _finetune(argv: Sequence[str] | None) -> int:
             if skipped.count:
                 say(f"skipped {skipped.count} unreadable image file(s)")
             say(f"best top-1 {best[0]:.2f}% (epoch {best[1]}); final top-1 {history[-1]['top1']:.2f}%")
-            say(f"outputs in {out}/: metrics.jsonl, tensorboard/, best.safetensors, final.safetensors")
+            tb = "tensorboard/, " if args.tensorboard else ""
+            say(f"outputs in {out}/: metrics.jsonl, {tb}best.safetensors, final.safetensors")
         return EXIT_OK
     finally:
         dist_utils.cleanup()

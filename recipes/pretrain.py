@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
             "the paper's ImageNet recipe (resnet50, 224 px, batch 4096, 1600 epochs, LAMB, base lr 2e-4, "
             "40 warm-up epochs, wd 0.04->0.2, mask 0.6); override any of it with the flags below."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_epilog(),
     )
     g = p.add_argument_group("model")
     g.add_argument(
@@ -247,6 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
     r.add_argument("--preset", choices=sorted(PRESETS), help="defaults to use: 'demo' without --data, 'paper' with it")
     return p
+
+
+def _epilog() -> str:
+    lines = ["defaults for flags left out (an explicit flag always wins; a resumed run keeps its own):"]
+    for name, values in PRESETS.items():
+        when = "without --data" if name == "demo" else "with --data"
+        lines.append(f"  {name} ({when}): " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    lines.append("  otherwise: " + ", ".join(f"{k}={v}" for k, v in COMMON_DEFAULTS.items()))
+    lines.append(
+        "  mask_ratio=0.6 (0.75 from 384 px); drop_path by model (paper values); warm-up at most 1/4 of the run"
+    )
+    lines.append("examples:")
+    lines.append("  sparsify-pretrain                                  # the 3-minute CPU demo")
+    lines.append("  sparsify-pretrain --data ~/photos --model resnet50 --batch-size 256 --epochs 100")
+    lines.append("  torchrun --nproc-per-node 8 -m sparsify.recipes.pretrain --data /imagenet/train \\")
+    lines.append("      --precision bf16 --channels-last --compile")
+    return "\n".join(lines)
 
 
 def _parse_scale(text: Any) -> tuple[float, float]:
