@@ -4,7 +4,8 @@
   When the input is known non-negative and zero at masked sites (ReLU before the pool, as in every
   ResNet stem) the zeros can never win over an active value, so the pool runs unchanged.
 - Average pooling divides the pooled masked input by the pooled mask: the mean over the active sites
-  of each window (padding never counts).
+  of each window. A pool that counts padding as zeros (count_include_pad with padding, or a
+  divisor_override) counts masked sites as zeros too, so an all-visible mask equals the dense pool.
 - Adaptive/global pooling uses the same two tricks; its output has no per-site meaning.
 """
 
@@ -44,8 +45,24 @@ def masked_max_pool(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | Non
     return module(x) if mask is None else masked_max(module, x, mask)
 
 
+def _counts_absent_as_zero(count_include_pad: bool, padding, divisor_override) -> bool:
+    """Whether a pool divides by a fixed count (padding counted, or an explicit divisor).
+
+    Such a pool already counts absent (padded) sites as zeros, so masked sites are counted the same
+    way: the result is pool(x * m), equal to the dense pool when all is visible and unchanged by a
+    masked canvas. Otherwise the pool averages present sites only, and so does the masked version.
+    """
+    pads = padding if isinstance(padding, (tuple, list)) else (padding,)
+    return divisor_override is not None or (bool(count_include_pad) and any(p > 0 for p in pads))
+
+
 def masked_avg_pool(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return module(x) if mask is None else masked_average(module, x, mask)
+    if mask is None:
+        return module(x)
+    if _counts_absent_as_zero(getattr(module, "count_include_pad", False), getattr(module, "padding", 0),
+                              getattr(module, "divisor_override", None)):
+        return module(x * mask.to(x.dtype))
+    return masked_average(module, x, mask)
 
 
 def masked_max_pool_fn(fn: Callable) -> Callable:
@@ -59,9 +76,15 @@ def masked_max_pool_fn(fn: Callable) -> Callable:
 
 
 def masked_avg_pool_fn(fn: Callable) -> Callable:
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    defaults = {"padding": 0, "count_include_pad": True, "divisor_override": None}
+
     def masked(mask, input, *args, **kwargs):
         if mask is None:
             return fn(input, *args, **kwargs)
+        given = {**defaults, **dict(zip(names, args)), **kwargs}
+        if _counts_absent_as_zero(given["count_include_pad"], given["padding"], given["divisor_override"]):
+            return fn(input * mask.to(input.dtype), *args, **kwargs)
         return masked_average(lambda t: fn(t, *args, **kwargs), input, mask)
 
     masked.__name__ = f"masked_{getattr(fn, '__name__', 'avg_pool')}"

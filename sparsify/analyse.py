@@ -132,23 +132,30 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
     """
     modules = dict(gm.named_modules())
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    to_mask: set[fx.Node] = set()
-    for _ in range(100):  # fixpoint: masking one node can make later multiplies unnecessary
+
+    def walk(masked: set[fx.Node]):
         infos, decisions, problems = _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio,
-                                           input_node, to_mask)
+                                           input_node, masked)
         if problems:
             raise SparsifyError(_problem_report(problems, modules))
-        needed = set()
-        for decision in decisions.values():
-            for n in decision.require_zero:
-                if not infos[n].zero:
-                    needed.add(n)
-        for n in outputs:
-            if not infos[n].zero:
-                needed.add(n)
+        needed = {n for d in decisions.values() for n in d.require_zero if not infos[n].zero}
+        needed |= {n for n in outputs if not infos[n].zero}
+        return infos, decisions, needed
+
+    # Grow the set of masked nodes to a fixpoint, then drop each one that later ones made redundant
+    # (e.g. relu(y) needs no multiply once y itself is masked for another consumer).
+    to_mask: set[fx.Node] = set()
+    for _ in range(1000):
+        infos, decisions, needed = walk(to_mask)
         if needed <= to_mask:
             break
         to_mask |= needed
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted(to_mask, key=order.get, reverse=True):
+        trial = to_mask - {node}
+        trial_infos, trial_decisions, trial_needed = walk(trial)
+        if trial_needed <= trial:
+            to_mask, infos, decisions = trial, trial_infos, trial_decisions
     bad = []
     for node in to_mask:
         if not infos[node].aligned:

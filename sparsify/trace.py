@@ -58,11 +58,16 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
           tracer_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` with :class:`SparsifyTracer`; SparsifyError with the failing module on error."""
     tracer = SparsifyTracer(leaf_modules, autowrap_functions, **(tracer_kwargs or {}))
+    own_attributes = set(model.__dict__)
+    own_buffers = set(model._buffers)
+    own_parameters = set(model._parameters)
     try:
         graph = tracer.trace(model)
     except SparsifyError:
         raise
     except Exception as error:
+        for name in set(model.__dict__) - own_attributes:
+            delattr(model, name)
         path = getattr(error, "_sparsify_module_path", None) or "<top level>"
         module = model.get_submodule(path) if path != "<top level>" else model
         raise SparsifyError(
@@ -73,7 +78,17 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
             "sparsify.register_adapter), or autowrap_functions=[fn] for a helper function that branches "
             "on tensor values or shapes."
         ) from error
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    try:
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        # fx stores tensor constants met while tracing (``_tensor_constant0``...) on the traced root;
+        # the GraphModule has its own copy now, so take them off the user's model again.
+        for name in set(model.__dict__) - own_attributes:
+            delattr(model, name)
+        for name in set(model._buffers) - own_buffers:
+            del model._buffers[name]
+        for name in set(model._parameters) - own_parameters:
+            del model._parameters[name]
 
 
 def module_path(node: fx.Node) -> str | None:

@@ -101,7 +101,7 @@ def test_max_pool_equals_window_loop(case, params, functional):
 @given(case=cases(max_c=3), params=pool_params(dilation=False), count_include_pad=st.booleans(),
        divisor_override=st.sampled_from([None, 2]), functional=st.booleans())
 def test_avg_pool_equals_window_loop(case, params, count_include_pad, divisor_override, functional):
-    """The mean over active sites whatever count_include_pad / divisor_override say."""
+    """The mean over active sites; pools that count padding as zeros count masked sites as zeros."""
     params.pop("dilation")
     extra = dict(count_include_pad=count_include_pad, divisor_override=divisor_override)
     pool = nn.AvgPool2d(**params, **extra)
@@ -114,8 +114,11 @@ def test_avg_pool_equals_window_loop(case, params, count_include_pad, divisor_ov
     else:
         y = masked_avg_pool(pool, case.x, case.mask)
         assert torch.equal(masked_avg_pool(pool, case.x, None), plain)
-    expected = window_reference(case.x, case.mask, plain.shape[-2:], params["kernel_size"], params["stride"],
-                                params["padding"], 1, "mean")
+    if divisor_override is not None or (count_include_pad and max(params["padding"]) > 0):
+        expected = pool(case.x * case.mask)  # fixed divisor: masked sites count as zeros, as padding does
+    else:
+        expected = window_reference(case.x, case.mask, plain.shape[-2:], params["kernel_size"], params["stride"],
+                                    params["padding"], 1, "mean")
     torch.testing.assert_close(y, expected, **TOL)
     torch.testing.assert_close(masked_avg_pool(pool, case.garbage(), case.mask), y, **TOL)
 
