@@ -81,6 +81,7 @@ def verify(
     rtol: float = RTOL,
     dense_atol: float = DENSE_ATOL,
     dense_rtol: float = DENSE_RTOL,
+    fp64_witness: bool = True,
 ) -> VerifyReport:
     """Run the contract checks on random inputs and masks; raise one SparsifyError listing all failures.
 
@@ -92,8 +93,8 @@ def verify(
         ratio: fraction of patches masked.
         seed: seed of the random inputs, masks and garbage fills.
         model: the wrapped model; when given, parameter sharing is checked too.
-        atol, rtol, dense_atol, dense_rtol: tolerances (see
-            :func:`sparsify.testing.assert_sparse_semantics`).
+        atol, rtol, dense_atol, dense_rtol, fp64_witness: tolerances and the float64 rounding
+            witness (see :func:`sparsify.testing.assert_sparse_semantics`).
 
     Returns:
         A :class:`VerifyReport` with every check's max error.
@@ -134,11 +135,10 @@ def verify(
                 dense_atol=dense_atol,
                 dense_rtol=dense_rtol,
                 generator=g,
+                fp64_witness=fp64_witness,
             )
         except Exception as e:  # a crash is a failed check, reported with the others
-            results = [
-                CheckResult("runs without error", "", False, float("inf"), detail=f"{type(e).__name__}: {e}")
-            ]
+            results = [CheckResult("runs without error", "", False, float("inf"), detail=f"{type(e).__name__}: {e}")]
         for res in results:
             res.context = where
         report.results += results

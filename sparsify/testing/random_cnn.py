@@ -12,13 +12,18 @@ Every generated network
   feature map of exactly ``(H // R, W // R)``: every padding is chosen so sizes stay exact;
 * is tiny (a few channels, a handful of blocks), so a forward pass takes milliseconds.
 
-Ingredients: convolutions of kernel 1-7, stride 1-2, dilation, groups and depthwise; BatchNorm2d,
-timm's BatchNormAct2d, LayerNorm over channels (permute -> nn.LayerNorm -> permute, and
+Ingredients: convolutions of kernel 1-7, stride 1-2, dilation, groups and depthwise, padded by the
+conv itself, by an explicit ``F.pad`` or TF-"same" style (asymmetric), written as ``nn.Conv2d``,
+functional ``F.conv2d`` or timm's weight-standardised ``StdConv2d``; BatchNorm2d, timm's
+BatchNormAct2d and GroupNormAct, LayerNorm over channels (permute -> nn.LayerNorm -> permute, and
 ``timm.layers.LayerNorm2d``), GroupNorm, InstanceNorm; max and average pooling (modules and
-functional, with ``ceil_mode`` and ``count_include_pad``); squeeze-and-excitation blocks; residual
-adds; channel concatenation and channel split (CSP-style); ConvNeXt-style channels-last blocks;
-activations with ``f(0) != 0`` (sigmoid, hardsigmoid, softplus) besides relu / gelu / silu / ...;
-and optionally a classification head (global pool -> flatten -> linear) that stage discovery must cut.
+functional, with ``ceil_mode`` and ``count_include_pad``); squeeze-and-excitation blocks (mean,
+sum, amax, adaptive avg / max pooling), ECA (1-D conv across channels) and GRN (ConvNeXt-V2 global
+response norm); residual adds; channel concatenation and channel split (CSP-style); ConvNeXt-style
+channels-last blocks; down-up blocks (strided conv, then nearest / bilinear interpolation or a
+transposed conv, merged by add or concat); activations with ``f(0) != 0`` (sigmoid, hardsigmoid,
+softplus) besides relu / gelu / silu / ...; and optionally a classification head (global pool ->
+flatten -> linear) that stage discovery must cut.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ __all__ = [
     "ConcatSpec",
     "ConvNeXtSpec",
     "ConvSpec",
+    "DownUpSpec",
+    "ECASpec",
+    "GRNSpec",
     "HeadSpec",
     "PoolSpec",
     "RandomCNN",
@@ -45,6 +53,7 @@ __all__ = [
     "SESpec",
     "SplitSpec",
     "build_cnn",
+    "every_ingredient_spec",
 ]
 
 #: Activation names understood by the builder. ``sigmoid``, ``hardsigmoid`` and ``softplus`` have
@@ -63,8 +72,9 @@ ACTIVATIONS: tuple[str, ...] = (
     "softplus",
 )
 
-#: Normalisation names understood by the builder. ``"gn:<groups>"`` is GroupNorm with that many groups.
-NORMS: tuple[str, ...] = ("none", "bn", "bnact", "gn", "ln2d", "timm_ln2d", "in")
+#: Normalisation names understood by the builder. ``"gn:<groups>"`` is GroupNorm with that many groups
+#: (``"gnact:<groups>"`` timm's GroupNormAct).
+NORMS: tuple[str, ...] = ("none", "bn", "bnact", "gn", "gnact", "ln2d", "timm_ln2d", "in")
 
 _ACT_MODULES = {
     "identity": nn.Identity,
@@ -104,8 +114,12 @@ _ACT_FUNCTIONS = {
 class ConvSpec:
     """Conv2d -> norm -> activation. Padding is derived so that the output size is exactly input/stride.
 
-    For ``stride == 1`` the kernel must be odd or the dilation even (``dilation * (kernel - 1)`` even).
-    ``norm`` is one of :data:`NORMS` (``"gn:<groups>"`` for GroupNorm).
+    ``norm`` is one of :data:`NORMS` (``"gn:<groups>"`` for GroupNorm). ``pad_mode``:
+    ``"conv"`` (the conv's own symmetric padding; for ``stride == 1`` the kernel must then be odd or
+    the dilation even), ``"explicit"`` (the same amount by ``F.pad`` before an unpadded conv) or
+    ``"same"`` (TF-style asymmetric ``F.pad``, more on the right/bottom; any kernel). ``conv``:
+    ``"module"`` (``nn.Conv2d``), ``"functional"`` (``F.conv2d`` with the module's weights) or
+    ``"std"`` (timm's weight-standardised ``StdConv2d``).
     """
 
     out: int
@@ -117,11 +131,22 @@ class ConvSpec:
     act: str = "relu"
     bias: bool = False
     functional_act: bool = False
+    pad_mode: str = "conv"
+    conv: str = "module"
 
     @property
     def padding(self) -> int:
         """Symmetric padding that keeps ``out = in / stride`` exactly for even inputs."""
         return self.dilation * (self.kernel - 1) // 2
+
+    @property
+    def same_padding(self) -> tuple[int, int, int, int]:
+        """TF-"same" ``F.pad`` amounts (left, right, top, bottom) for even inputs."""
+        total = self.dilation * (self.kernel - 1)
+        if self.stride == 2:
+            total = max(total - 1, 0)
+        lo = total // 2
+        return (lo, total - lo, lo, total - lo)
 
     def out_channels(self, cin: int) -> int:
         return self.out
@@ -158,7 +183,9 @@ class SESpec:
     """Squeeze-and-excitation: global mean -> 1x1 conv -> act -> 1x1 conv -> gate -> multiply.
 
     ``pool`` selects how the global mean is written: ``"mean"`` (``x.mean((2, 3), keepdim=True)``),
-    ``"adaptive"`` (``nn.AdaptiveAvgPool2d(1)``) or ``"functional"`` (``F.adaptive_avg_pool2d``).
+    ``"adaptive"`` (``nn.AdaptiveAvgPool2d(1)``), ``"functional"`` (``F.adaptive_avg_pool2d``),
+    ``"sum"`` (``x.sum((2, 3), keepdim=True)``), ``"amax"`` (``x.amax((2, 3), keepdim=True)``) or
+    ``"adaptive_max"`` (``nn.AdaptiveMaxPool2d(1)``).
     """
 
     reduced: int = 2
@@ -250,6 +277,49 @@ class ActSpec:
 
 
 @dataclass(frozen=True)
+class ECASpec:
+    """Efficient channel attention: ``x * sigmoid(conv1d(mean over space, across channels))``."""
+
+    kernel: int = 3
+
+    def out_channels(self, cin: int) -> int:
+        return cin
+
+    def total_stride(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class GRNSpec:
+    """ConvNeXt-V2 global response norm (channels-last): ``gamma * (x * N(x)) + beta + x`` with
+    ``N(x) = G(x) / mean_c G(x)`` and ``G(x) = torch.norm(x, 2, dim=(1, 2))`` over space."""
+
+    def out_channels(self, cin: int) -> int:
+        return cin
+
+    def total_stride(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class DownUpSpec:
+    """``merge(x, up(down(x)))``: a stride-2 :class:`ConvSpec` ``down`` back to the input width, then
+    ``up`` = ``"nearest"`` / ``"bilinear"`` (``F.interpolate``), ``"upsample"`` (``nn.Upsample``) or
+    ``"convT"`` (``nn.ConvTranspose2d(k=4, s=2, p=1)``), merged by ``"add"`` or ``"cat"``.
+    Needs an even input size (it must come before the last downsampling step)."""
+
+    down: ConvSpec
+    up: str = "nearest"
+    merge: str = "add"
+
+    def out_channels(self, cin: int) -> int:
+        return 2 * cin if self.merge == "cat" else cin
+
+    def total_stride(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """Classification head: global pool -> flatten -> Linear; ``pool`` is ``"adaptive"`` or ``"mean"``."""
 
@@ -257,7 +327,19 @@ class HeadSpec:
     pool: str = "adaptive"
 
 
-BlockSpec = ConvSpec | PoolSpec | SESpec | ResidualSpec | ConcatSpec | SplitSpec | ConvNeXtSpec | ActSpec
+BlockSpec = (
+    ConvSpec
+    | PoolSpec
+    | SESpec
+    | ResidualSpec
+    | ConcatSpec
+    | SplitSpec
+    | ConvNeXtSpec
+    | ActSpec
+    | ECASpec
+    | GRNSpec
+    | DownUpSpec
+)
 
 
 @dataclass(frozen=True)
@@ -346,6 +428,13 @@ def make_norm(name: str, channels: int) -> nn.Module:
         return LayerNorm2d(channels)
     if name == "in":
         return nn.InstanceNorm2d(channels, affine=True)
+    if name == "gnact" or name.startswith("gnact:"):
+        from timm.layers import GroupNormAct
+
+        groups = int(name.split(":")[1]) if ":" in name else 1
+        if channels % groups:
+            raise ValueError(f"GroupNorm groups {groups} must divide channels {channels}")
+        return GroupNormAct(channels, num_groups=groups, act_layer=nn.SiLU)
     if name == "gn" or name.startswith("gn:"):
         groups = int(name.split(":")[1]) if ":" in name else 1
         if channels % groups:
@@ -361,25 +450,40 @@ class ConvNormAct(nn.Module):
         super().__init__()
         if cin % spec.groups or spec.out % spec.groups:
             raise ValueError(f"groups {spec.groups} must divide in ({cin}) and out ({spec.out}) channels")
-        if spec.stride == 1 and spec.dilation * (spec.kernel - 1) % 2:
+        if spec.stride == 1 and spec.pad_mode != "same" and spec.dilation * (spec.kernel - 1) % 2:
             raise ValueError(f"stride-1 conv needs an odd kernel or even dilation to keep its size: {spec}")
         if spec.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2: {spec}")
-        self.conv = nn.Conv2d(
-            cin,
-            spec.out,
-            spec.kernel,
-            stride=spec.stride,
-            padding=spec.padding,
-            dilation=spec.dilation,
-            groups=spec.groups,
-            bias=spec.bias,
-        )
+        if spec.pad_mode not in ("conv", "explicit", "same"):
+            raise ValueError(f"unknown pad_mode {spec.pad_mode!r}")
+        self.pad: tuple[int, int, int, int] | None = None
+        if spec.pad_mode == "explicit":
+            self.pad = (spec.padding,) * 4
+        elif spec.pad_mode == "same":
+            self.pad = spec.same_padding
+        padding = spec.padding if spec.pad_mode == "conv" else 0
+        kwargs = dict(stride=spec.stride, padding=padding, dilation=spec.dilation, groups=spec.groups, bias=spec.bias)
+        self.functional = spec.conv == "functional"
+        if spec.conv in ("module", "functional"):
+            self.conv = nn.Conv2d(cin, spec.out, spec.kernel, **kwargs)
+        elif spec.conv == "std":
+            from timm.layers import StdConv2d
+
+            self.conv = StdConv2d(cin, spec.out, spec.kernel, **kwargs)
+        else:
+            raise ValueError(f"unknown conv kind {spec.conv!r}")
         self.norm = make_norm(spec.norm, spec.out)
         self.act = make_act(spec.act, spec.functional_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        if self.functional:
+            c = self.conv
+            x = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            x = self.conv(x)
+        return self.act(self.norm(x))
 
 
 class Pool(nn.Module):
@@ -432,7 +536,9 @@ class SqueezeExcite(nn.Module):
         self.mode = spec.pool
         if spec.pool == "adaptive":
             self.pool = nn.AdaptiveAvgPool2d(1)
-        elif spec.pool not in ("mean", "functional"):
+        elif spec.pool == "adaptive_max":
+            self.pool = nn.AdaptiveMaxPool2d(1)
+        elif spec.pool not in ("mean", "functional", "sum", "amax"):
             raise ValueError(f"unknown SE pool {spec.pool!r}")
         self.fc1 = nn.Conv2d(channels, spec.reduced, 1)
         self.act = make_act(spec.act)
@@ -440,10 +546,14 @@ class SqueezeExcite(nn.Module):
         self.gate = make_act(spec.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "adaptive":
+        if self.mode in ("adaptive", "adaptive_max"):
             s = self.pool(x)
         elif self.mode == "functional":
             s = F.adaptive_avg_pool2d(x, 1)
+        elif self.mode == "sum":
+            s = x.sum((2, 3), keepdim=True) * 0.1
+        elif self.mode == "amax":
+            s = x.amax((2, 3), keepdim=True)
         else:
             s = x.mean((2, 3), keepdim=True)
         return x * self.gate(self.fc2(self.act(self.fc1(s))))
@@ -550,6 +660,73 @@ class ConvNeXtBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
+class ECA(nn.Module):
+    """Efficient channel attention, from an :class:`ECASpec`."""
+
+    def __init__(self, channels: int, spec: ECASpec) -> None:
+        super().__init__()
+        if spec.kernel % 2 == 0:
+            raise ValueError(f"ECA needs an odd kernel: {spec}")
+        self.conv = nn.Conv1d(1, 1, spec.kernel, padding=spec.kernel // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3)).unsqueeze(1)  # (B, 1, C)
+        y = torch.sigmoid(self.conv(y)).squeeze(1)
+        return x * y[:, :, None, None]
+
+
+class GRN(nn.Module):
+    """ConvNeXt-V2 global response normalisation (channels-last inside), from a :class:`GRNSpec`."""
+
+    def __init__(self, channels: int, spec: GRNSpec) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((1, 1, 1, channels), 0.5))
+        self.beta = nn.Parameter(torch.full((1, 1, 1, channels), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        x = self.gamma * (x * nx) + self.beta + x
+        return x.permute(0, 3, 1, 2)
+
+
+class DownUp(nn.Module):
+    """Strided conv, back up by interpolation or a transposed conv, merged with the input."""
+
+    def __init__(self, cin: int, spec: DownUpSpec) -> None:
+        super().__init__()
+        if spec.down.stride != 2 or spec.down.out != cin:
+            raise ValueError(f"DownUp needs a stride-2 conv back to {cin} channels: {spec}")
+        if spec.merge not in ("add", "cat"):
+            raise ValueError(f"unknown merge {spec.merge!r}")
+        self.spec = spec
+        self.down = ConvNormAct(cin, spec.down)
+        if spec.up == "convT":
+            self.up = nn.ConvTranspose2d(cin, cin, 4, stride=2, padding=1)
+        elif spec.up == "upsample":
+            self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+        elif spec.up in ("nearest", "bilinear"):
+            self.up = None
+        else:
+            raise ValueError(f"unknown up {spec.up!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(x)
+        if self.up is not None:
+            y = self.up(y)
+        elif self.spec.up == "bilinear":
+            y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
+        else:
+            y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+        if self.spec.merge == "cat":
+            return torch.cat([x, y], dim=1)
+        return x + y
+
+    def extra_repr(self) -> str:
+        return f"up={self.spec.up}, merge={self.spec.merge}"
+
+
 class Head(nn.Module):
     """Global pool -> flatten -> Linear, from a :class:`HeadSpec`."""
 
@@ -584,6 +761,12 @@ def _build_block(cin: int, spec: BlockSpec) -> nn.Module:
         return ConvNeXtBlock(cin, spec)
     if isinstance(spec, ActSpec):
         return make_act(spec.act, spec.functional)
+    if isinstance(spec, ECASpec):
+        return ECA(cin, spec)
+    if isinstance(spec, GRNSpec):
+        return GRN(cin, spec)
+    if isinstance(spec, DownUpSpec):
+        return DownUp(cin, spec)
     raise TypeError(f"unknown block spec {spec!r}")
 
 
@@ -653,3 +836,43 @@ def build_cnn(spec: CNNSpec) -> RandomCNN:
                     m.running_mean.normal_(0.0, 0.2)
                     m.running_var.uniform_(0.5, 2.0)
     return net
+
+
+def every_ingredient_spec(in_chans: int = 3, seed: int = 1) -> CNNSpec:
+    """A fixed spec using every ingredient at least once (R = 8, a 5-class head, 4 output channels).
+
+    Useful as a deterministic smoke test next to the random ones; inputs must be multiples of 8 with
+    the downsampled-by-4 size even, e.g. 16 x 24.
+    """
+    c = 4
+    blocks: tuple[BlockSpec, ...] = (
+        ConvSpec(out=c, kernel=4, stride=2, norm="bnact"),
+        ConvSpec(out=c, kernel=3, dilation=2, groups=c, norm="gn:2", act="sigmoid", functional_act=True),
+        ConvSpec(out=c, kernel=2, dilation=2, norm="ln2d", act="hardsigmoid"),
+        ConvSpec(out=c, kernel=1, norm="timm_ln2d", act="softplus", bias=True),
+        ConvSpec(out=c, kernel=5, norm="in", act="gelu"),
+        PoolSpec("max", 3, 2, 0, ceil_mode=True),
+        PoolSpec("avg", 3, 1, 1, count_include_pad=False, functional=True),
+        SESpec(reduced=2, pool="adaptive", gate="hardsigmoid"),
+        SESpec(reduced=1, pool="functional"),
+        # at stride 4 the size is still even: down-up blocks go here
+        DownUpSpec(down=ConvSpec(out=c, stride=2, kernel=2, pad_mode="same"), up="nearest"),
+        DownUpSpec(down=ConvSpec(out=c, stride=2, kernel=3), up="bilinear"),
+        DownUpSpec(down=ConvSpec(out=c, stride=2, kernel=3, conv="functional"), up="upsample"),
+        DownUpSpec(down=ConvSpec(out=c, stride=2, kernel=4, norm="gn:1"), up="convT", merge="cat"),
+        PoolSpec("avg", 3, 1, 1, count_include_pad=True),
+        ResidualSpec(body=(ConvSpec(out=6, stride=2), ConvSpec(out=6)), shortcut="avgconv"),
+        ConcatSpec(branches=((ConvSpec(out=2, kernel=7),), (ConvSpec(out=4, kernel=1), ConvSpec(out=2)))),
+        SplitSpec(body=(ConvSpec(out=2, kernel=3, groups=2),)),
+        ConvNeXtSpec(kernel=5, expansion=2),
+        ActSpec("sigmoid", functional=True),
+        ConvSpec(out=c, kernel=4, pad_mode="same", conv="std", norm="gnact:2"),
+        ConvSpec(out=c, kernel=3, pad_mode="explicit", conv="functional", norm="bn"),
+        SESpec(reduced=2, pool="amax"),
+        SESpec(reduced=2, pool="adaptive_max"),
+        SESpec(reduced=2, pool="sum"),
+        ECASpec(kernel=3),
+        GRNSpec(),
+        ResidualSpec(body=(ConvSpec(out=c, kernel=3, norm="bn"),), shortcut="identity", act="hardswish"),
+    )
+    return CNNSpec(in_chans=in_chans, blocks=blocks, head=HeadSpec(num_classes=5, pool="mean"), seed=seed)

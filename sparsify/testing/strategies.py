@@ -31,6 +31,9 @@ from .random_cnn import (
     ConcatSpec,
     ConvNeXtSpec,
     ConvSpec,
+    DownUpSpec,
+    ECASpec,
+    GRNSpec,
     HeadSpec,
     PoolSpec,
     ResidualSpec,
@@ -70,10 +73,22 @@ ACTS: tuple[str, ...] = (
     "softplus",
     "identity",
 )
-#: Normalisations drawn by default (``"gn"`` draws a group count dividing the channels).
-NORM_KINDS: tuple[str, ...] = ("none", "bn", "bnact", "gn", "ln2d", "timm_ln2d", "in")
+#: Normalisations drawn by default (``"gn"`` / ``"gnact"`` draw a group count dividing the channels).
+NORM_KINDS: tuple[str, ...] = ("none", "bn", "bnact", "gn", "gnact", "ln2d", "timm_ln2d", "in")
 #: Block kinds drawn by default.
-BLOCK_KINDS: tuple[str, ...] = ("conv", "pool", "se", "residual", "concat", "split", "convnext", "act")
+BLOCK_KINDS: tuple[str, ...] = (
+    "conv",
+    "pool",
+    "se",
+    "residual",
+    "concat",
+    "split",
+    "convnext",
+    "act",
+    "eca",
+    "grn",
+    "downup",
+)
 
 _DOWN_KINDS = ("conv", "pool", "residual", "concat")  # block kinds that can carry a stride of 2
 
@@ -208,8 +223,8 @@ def _divisors(n: int) -> list[int]:
 @st.composite
 def _norm(draw: st.DrawFn, channels: int, norms: Sequence[str]) -> str:
     kind = draw(st.sampled_from(norms))
-    if kind == "gn":
-        return f"gn:{draw(st.sampled_from(_divisors(channels)))}"
+    if kind in ("gn", "gnact"):
+        return f"{kind}:{draw(st.sampled_from(_divisors(channels)))}"
     return kind
 
 
@@ -228,7 +243,8 @@ def _conv(
     dilation = 1
     if kernel > 1 and draw(st.booleans()):
         dilation = 2
-    if stride == 1 and dilation * (kernel - 1) % 2:  # keep the size exact: odd kernel
+    pad_mode = draw(st.sampled_from(["conv", "conv", "explicit", "same"]))
+    if stride == 1 and pad_mode != "same" and dilation * (kernel - 1) % 2:  # keep the size exact
         kernel = kernel + 1 if kernel < 7 else kernel - 1
     depthwise = draw(st.integers(0, 3)) == 0
     if out is None:
@@ -249,6 +265,11 @@ def _conv(
         act=draw(st.sampled_from(acts)),
         bias=draw(st.booleans()),
         functional_act=draw(st.booleans()),
+        pad_mode=pad_mode,
+        # weight standardisation needs more than one weight per output channel
+        conv=draw(
+            st.sampled_from(["module", "module", "functional"] + (["std"] if cin // groups * kernel**2 > 1 else []))
+        ),
     )
 
 
@@ -293,7 +314,18 @@ def _block(
             reduced=draw(st.integers(1, max_channels)),
             act=draw(st.sampled_from(acts)),
             gate=draw(st.sampled_from(["sigmoid", "hardsigmoid"])),
-            pool=draw(st.sampled_from(["mean", "adaptive", "functional"])),
+            pool=draw(st.sampled_from(["mean", "adaptive", "functional", "sum", "amax", "adaptive_max"])),
+        )
+    if kind == "eca":
+        return ECASpec(kernel=draw(st.sampled_from([1, 3, 5])))
+    if kind == "grn":
+        return GRNSpec()
+    if kind == "downup":
+        down = draw(_conv(cin, 2, out=cin, **kw))
+        return DownUpSpec(
+            down=down,
+            up=draw(st.sampled_from(["nearest", "bilinear", "upsample", "convT"])),
+            merge=draw(st.sampled_from(["add", "cat"])),
         )
     if kind == "convnext":
         return ConvNeXtSpec(
@@ -379,10 +411,15 @@ def random_cnn_specs(
         kw = dict(max_channels=max_channels, norms=norms, acts=acts)
         specs = [draw(_conv(cin0, 2 if stem_down else 1, out=None, **kw))]
         c = specs[0].out
+        downs_done = int(stem_down)
         for stride in slots:
             kinds = down_kinds if stride == 2 else blocks
             if c % 2:
-                kinds = tuple(k for k in kinds if k != "split") or ("conv",)
+                kinds = tuple(k for k in kinds if k != "split")
+            if downs_done >= n_down:  # the size may be odd from here on: nothing that halves it
+                kinds = tuple(k for k in kinds if k != "downup")
+            kinds = kinds or ("conv",)
+            downs_done += stride == 2
             kind = draw(st.sampled_from(kinds))
             b = draw(_block(kind, c, stride, **kw))
             specs.append(b)

@@ -115,9 +115,7 @@ class ToyEncoder(nn.Module):
 def case():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 3, 8, 12, generator=g)
-    mask = torch.tensor(
-        [[[1, 0, 1], [0, 0, 1]], [[0, 1, 0], [1, 0, 0]], [[1, 1, 1], [1, 1, 0]]], dtype=torch.bool
-    )
+    mask = torch.tensor([[[1, 0, 1], [0, 0, 1]], [[0, 1, 0], [1, 0, 0]], [[1, 1, 1], [1, 1, 0]]], dtype=torch.bool)
     return x, mask.unsqueeze(1)
 
 
@@ -229,3 +227,29 @@ def test_reference_group_norm():
     expected = torch.zeros_like(x)
     expected[..., :2] = gn(x[..., :2])
     assert_matches_reference(expected, reference_group_norm(gn), x, mask)
+
+
+class _RoundingEncoder(ToyEncoder):
+    """Correct, but its features go through a large intermediate value: fp32 rounding of ~1e-3."""
+
+    def forward(self, x, mask=None):
+        return [(f + 1e4) - 1e4 for f in super().forward(x, mask)]
+
+
+def test_fp64_witness_separates_rounding_from_violations(case):
+    x, mask = case
+    enc = _RoundingEncoder(Net())
+    with pytest.raises(AssertionError, match="dense equality"):
+        assert_dense_equal(enc, x, fp64_witness=False)
+    results = assert_sparse_semantics(enc, x, mask)  # the witness explains the fp32 rounding
+    assert any("fp64 twin" in r.tolerance for r in results)
+    assert next(p for p in Net().parameters()).dtype == torch.float32
+
+
+def test_fp64_witness_does_not_excuse_a_leak(case):
+    x, mask = case
+    enc = ToyEncoder(Net(), bug="no_input_mask")
+    with pytest.raises(AssertionError, match="canvas invariance") as info:
+        assert_canvas_invariant(enc, x, mask)
+    assert "fp32 rounding of the two sides" in str(info.value)
+    assert next(enc.parameters()).dtype == torch.float32  # the model was never converted

@@ -67,26 +67,7 @@ def test_build_does_not_touch_global_rng():
 
 
 def test_every_ingredient_builds():
-    c = 4
-    blocks = (
-        rc.ConvSpec(out=c, kernel=4, stride=2, norm="bnact"),
-        rc.ConvSpec(out=c, kernel=3, dilation=2, groups=c, norm="gn:2", act="sigmoid", functional_act=True),
-        rc.ConvSpec(out=c, kernel=2, dilation=2, norm="ln2d", act="hardsigmoid"),
-        rc.ConvSpec(out=c, kernel=1, norm="timm_ln2d", act="softplus", bias=True),
-        rc.ConvSpec(out=c, kernel=5, norm="in", act="gelu"),
-        rc.PoolSpec("max", 3, 2, 0, ceil_mode=True),
-        rc.PoolSpec("avg", 3, 1, 1, count_include_pad=False, functional=True),
-        rc.SESpec(reduced=2, pool="adaptive", gate="hardsigmoid"),
-        rc.SESpec(reduced=1, pool="functional"),
-        rc.ResidualSpec(body=(rc.ConvSpec(out=6, stride=2), rc.ConvSpec(out=6)), shortcut="avgconv"),
-        rc.ConcatSpec(
-            branches=((rc.ConvSpec(out=2, kernel=7),), (rc.ConvSpec(out=4, kernel=1), rc.ConvSpec(out=2)))
-        ),
-        rc.SplitSpec(body=(rc.ConvSpec(out=2, kernel=3, groups=2),)),
-        rc.ConvNeXtSpec(kernel=5, expansion=2),
-        rc.ActSpec("sigmoid", functional=True),
-    )
-    spec = rc.CNNSpec(in_chans=3, blocks=blocks, head=rc.HeadSpec(num_classes=5, pool="mean"), seed=1)
+    spec = rc.every_ingredient_spec()
     net = build_cnn(spec)
     assert net.downsample_ratio == 8 and net.out_channels == 4
     traced = fx.symbolic_trace(net)

@@ -1,0 +1,93 @@
+"""The sparse-encoder contract (design.md section 2) as Hypothesis properties over random CNNs.
+
+Each example draws a small random network (convs of kernel 1-7 with stride, dilation, groups and
+depthwise; BatchNorm / BatchNormAct / LayerNorm2d (two spellings) / GroupNorm / InstanceNorm; max and
+average pools incl. ceil_mode; SE blocks; residual adds; concatenation and CSP splits; ConvNeXt blocks;
+activations with f(0) != 0; optional head), a non-square input that is a multiple of its R, a batch
+size and a mask, wraps it with sparsify.wrap and runs every check of
+sparsify.testing.assert_sparse_semantics in train and eval mode.
+
+A failing example prints a ``CNNCase`` whose spec is valid Python: rebuild it with
+``sparsify.testing.build_cnn(spec)`` (``from sparsify.testing.random_cnn import *``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsify
+from sparsify.testing import assert_dense_equal, assert_sparse_semantics
+from sparsify.testing import strategies as sst
+from sparsify.testing.random_cnn import LayerNorm2dPermute, build_cnn, every_ingredient_spec
+
+pytestmark = pytest.mark.skipif(not hasattr(sparsify, "wrap"), reason="sparsify.wrap is not available yet")
+
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny networks: intra-op threads only add synchronisation overhead.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("size", [(16, 24), (32, 16)])
+def test_every_ingredient_keeps_the_contract(size):
+    model = build_cnn(every_ingredient_spec())
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    mask = sparsify.random_mask(2, (size[0] // 8, size[1] // 8), 0.5, generator=torch.Generator().manual_seed(0))
+    assert_sparse_semantics(model, x, mask)
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(case=sst.cnn_cases())
+def test_random_cnns_keep_the_contract(case):
+    assert_sparse_semantics(case.model, case.x, case.mask)
+
+
+@settings(max_examples=15, **_SETTINGS)
+@given(case=sst.cnn_cases(allow_fully_masked=True, max_batch=3))
+def test_contract_holds_with_fully_masked_samples_in_the_batch(case):
+    assert_sparse_semantics(case.model, case.x, case.mask)
+
+
+@settings(max_examples=15, **_SETTINGS)
+@given(case=sst.cnn_cases(square=False, norms=("bn", "bnact"), head=True))
+def test_batchnorm_nets_with_heads(case):
+    # The ResNet / EfficientNet family: BatchNorm everywhere, a classifier head that must be cut away.
+    assert_sparse_semantics(case.model, case.x, case.mask)
+
+
+@settings(max_examples=20, **_SETTINGS)
+@given(
+    norm=st.sampled_from(["bn", "gn", "ln2d", "in"]),
+    offset=st.sampled_from([0.0, 10.0, 100.0]),
+    size=sst.input_sizes(4, 2, 4),
+    batch=sst.batch_sizes(1, 3),
+)
+def test_masked_statistics_are_as_precise_as_native_kernels(norm, offset, size, batch):
+    # Features whose mean is large against their spread (here: a conv bias of up to 100) make a
+    # one-pass variance E[x^2] - E[x]^2 cancel catastrophically unless the sums are accurate. The
+    # all-visible masked path must then still match PyTorch's own kernels to fp32 precision; no fp64
+    # witness here, since that would excuse exactly this rounding.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, 2, 1)
+    with torch.no_grad():
+        conv.bias.fill_(offset)
+    layer = {
+        "bn": nn.BatchNorm2d(4),
+        "gn": nn.GroupNorm(2, 4),
+        "ln2d": LayerNorm2dPermute(4),
+        "in": nn.InstanceNorm2d(4, affine=True),
+    }[norm]
+    model = nn.Sequential(conv, layer, nn.Conv2d(4, 4, 3, 2, 1))
+    enc = sparsify.wrap(model, input_size=size)
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
+    assert_dense_equal(enc, x, fp64_witness=False)
