@@ -89,10 +89,18 @@ def run(args: argparse.Namespace) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     masks = [spark.draw_mask(x, gen) for _ in range(4)]
 
+    def encoder_loss(module):  # --encoder-only: the encoder alone, a stand-in loss on its features
+        def loss(x, mask):
+            return sum(f.float().square().mean() for f in module.encoder(x, mask))
+
+        return loss
+
     def step_fn(module):
+        forward = encoder_loss(module) if args.encoder_only else module
+
         def step(x, mask):
             with autocast():
-                loss = module(x, mask)
+                loss = forward(x, mask)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -137,7 +145,8 @@ def run(args: argparse.Namespace) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(),
         "threads": torch.get_num_threads(), "precision": args.precision, "channels_last": args.channels_last,
-        "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
+        "compile": args.compile, "encoder_only": args.encoder_only,
+        "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     for key in ("sparse", "dense"):
@@ -154,7 +163,8 @@ def format_row(r: dict) -> str:
     mem = r["sparse"]["peak_memory_mib"]
     mem_text = f"{mem:8.0f} / {r['dense']['peak_memory_mib']:8.0f}" if mem else "       n/a"
     return (f"| {r['model']:<18} | {r['batch']:>5} | {r['size'][0]}x{r['size'][1]:<4} | {r['precision']:<4} | "
-            f"{'cl' if r['channels_last'] else '  '} {'compiled' if r['compile'] else 'eager   '} | "
+            f"{'cl' if r['channels_last'] else '  '} {'compiled' if r['compile'] else 'eager   '}"
+            f"{' enc' if r.get('encoder_only') else ''} | "
             f"{r['sparse']['step_s'] * 1e3:9.1f} | {r['dense']['step_s'] * 1e3:9.1f} | "
             f"{r['sparse']['images_per_s']:8.1f} | {r['dense']['images_per_s']:8.1f} | {mem_text} | "
             f"{r['ratio']:5.3f} |")
@@ -177,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--decoder-width", type=int, default=768)
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="time the encoder alone (forward, backward, optimiser) instead of the SparK step")
     parser.add_argument("--sync-debug", action="store_true",
                         help="CUDA: torch.cuda.set_sync_debug_mode('error') around every sparse step")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
