@@ -983,8 +983,9 @@ class Pretrainer:
         if ":" not in spec or spec.startswith("timm:"):
             name = spec.split(":", 1)[-1]
             self.say(
-                f"load it: timm.create_model('{name}', pretrained=True, "
+                f"load it: timm.create_model('{name}', pretrained=True, num_classes=0, "
                 f"pretrained_cfg_overlay=dict(file='{self.out / 'backbone.safetensors'}'))"
+                "  (num_classes=0: no head; pass your own class count for a new head)"
             )
 
 
