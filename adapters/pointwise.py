@@ -167,10 +167,7 @@ def _module_bias(view: NodeView):
 
 register_rule(nn.Linear, _last_dim_rule(_module_bias, name="Linear"))
 register_rule(F.linear, _last_dim_rule(lambda v: v.arg(2, "bias"), name="linear"))
-register_rule(nn.LayerNorm, _last_dim_rule(
-    _module_bias, lambda v: len(v.module.normalized_shape), name="LayerNorm"))
-register_rule(F.layer_norm, _last_dim_rule(
-    lambda v: v.arg(3, "bias"), lambda v: len(v.arg(1, "normalized_shape")), name="layer_norm"))
+# LayerNorm uses _last_dim_rule too, dispatched with its over-space variant in layer_norm.py.
 
 
 def _softmax_rule(view: NodeView) -> Decision:

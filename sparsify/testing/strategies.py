@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .random_cnn import (
+    ACTIVATIONS,
     ActSpec,
     CNNSpec,
     ConcatSpec,
@@ -60,19 +61,7 @@ __all__ = [
 ]
 
 #: Activations drawn by default (sigmoid, hardsigmoid and softplus have f(0) != 0).
-ACTS: tuple[str, ...] = (
-    "relu",
-    "relu6",
-    "leaky_relu",
-    "gelu",
-    "silu",
-    "hardswish",
-    "tanh",
-    "sigmoid",
-    "hardsigmoid",
-    "softplus",
-    "identity",
-)
+ACTS: tuple[str, ...] = tuple(a for a in ACTIVATIONS if a != "identity") + ("identity",)
 #: Normalisations drawn by default (``"gn"`` / ``"gnact"`` draw a group count dividing the channels).
 NORM_KINDS: tuple[str, ...] = ("none", "bn", "bnact", "gn", "gnact", "ln2d", "timm_ln2d", "in")
 #: Block kinds drawn by default.
