@@ -1,7 +1,7 @@
 """Masked statistics without host synchronisation (design.md section 5).
 
 The mask is used as a 0/1 weight: sums over active sites, counts from the mask, no ``nonzero``, no
-boolean indexing, no ``.item()``. Sums accumulate in fp32 whatever the input dtype.
+boolean indexing, no ``.item()``. Sums accumulate in fp64 (fp32 on MPS) whatever the input dtype.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The README's adapter example works as written: register, wrap, verify."""
 
 import torch
+from sparsify.adapters import masked_moments
 
 import sparsify
-from sparsify.adapters import masked_moments
 from sparsify.testing import assert_sparse_semantics
 
 
