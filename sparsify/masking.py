@@ -7,11 +7,10 @@ coarsest feature map (one cell per R x R image patch), and True means *visible* 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .errors import SparsifyError
 
-__all__ = ["random_mask", "num_visible", "upsample_mask", "check_mask"]
+__all__ = ["random_mask", "num_visible", "check_mask"]
 
 
 def num_visible(num_patches: int, ratio: float) -> int:
@@ -57,13 +56,6 @@ def random_mask(
     # The `keep` smallest noise values per row are visible: rank via argsort, compare to keep.
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return (ranks < keep).view(batch, 1, h, w)
-
-
-def upsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour repeat of a (B, 1, h, w) mask to ``size`` (same dtype as given, float kept)."""
-    if mask.shape[-2:] == tuple(size):
-        return mask
-    return F.interpolate(mask, size=tuple(size), mode="nearest")
 
 
 def check_mask(mask: torch.Tensor, batch: int, grid: tuple[int, int]) -> None:
