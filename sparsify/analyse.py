@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from sparsify.adapters._kinds import passthrough_nonspatial
 from sparsify.adapters._registry import (
     NONSPATIAL,
     Decision,
@@ -202,8 +203,6 @@ def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio, input_node, to
             if rule is None:
                 if view.spatial_inputs():
                     raise Unsupported("no adapter is registered for this operation")
-                from sparsify.adapters._kinds import passthrough_nonspatial
-
                 decision = passthrough_nonspatial(view)
             else:
                 decision = rule(view)

@@ -90,4 +90,6 @@ def test_masked_statistics_are_as_precise_as_native_kernels(norm, offset, size, 
     model = nn.Sequential(conv, layer, nn.Conv2d(4, 4, 3, 2, 1))
     enc = sparsify.wrap(model, input_size=size)
     x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
-    assert_dense_equal(enc, x, fp64_witness=False)
+    # Both paths carry ~1e-5 of fp32 rounding here (native included); the guarded bug (fp32 partial
+    # sums) gave 9e-4 to 2.3e-3, so 1e-4 separates them without the witness.
+    assert_dense_equal(enc, x, atol=1e-4, rtol=1e-4, fp64_witness=False)

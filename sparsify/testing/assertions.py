@@ -509,17 +509,12 @@ def check_dense_equal(
     train: bool = True,
     eval: bool = True,
     dense: nn.Module | None = None,
-    masked_atol: float = ATOL,
-    masked_rtol: float = RTOL,
     fp64_witness: bool | _Witness = True,
 ) -> list[CheckResult]:
     """``enc(x, None)`` and ``enc(x, all-True mask)`` must equal ``enc.dense_encoder()(x)``.
 
-    ``mask=None`` runs the network's own kernels and is held to ``atol``/``rtol``. An all-visible mask
-    runs the masked statistics (sums over active sites instead of the native kernels' own reduction
-    order); deep networks in train mode amplify that fp32 rounding, so it is held to the masked
-    tolerances ``masked_atol``/``masked_rtol``. With ``fp64_witness`` a failed fp32 comparison is
-    re-judged allowing each side's own rounding error (its distance to a float64 twin).
+    Both are held to ``atol``/``rtol``. With ``fp64_witness`` a failed fp32 comparison is re-judged
+    allowing each side's own rounding error (its distance to a float64 twin).
     """
     dense = enc.dense_encoder() if dense is None else dense
     witness = _resolve_witness(fp64_witness, enc, dense)
@@ -530,23 +525,20 @@ def check_dense_equal(
     for mode in _modes(train, eval):
         with preserved_state(enc, dense):
             ref = _forward(dense, x, train=mode)
-        for label, m, a_tol, r_tol in (
-            ("mask=None", None, atol, rtol),
-            ("all-visible mask", full, masked_atol, masked_rtol),
-        ):
+        for label, m in (("mask=None", None), ("all-visible mask", full)):
             with preserved_state(enc, dense):
                 out = _forward(enc, x, m, train=mode)
             name = f"dense equality ({label})"
-            result = _compare_features(enc, name, _mode_name(mode), out, ref, a_tol, r_tol, ref_size=size)
+            result = _compare_features(enc, name, _mode_name(mode), out, ref, atol, rtol, ref_size=size)
 
             def fp64(enc64, dense64, m=m, mode=mode):
                 x64 = x.double()
                 ref64 = _forward(dense64, x64, train=mode)
                 return _forward(enc64, x64, m, train=mode), ref64
 
-            def compare(out64, ref64, out=out, ref=ref, name=name, a_tol=a_tol, r_tol=r_tol, mode=mode):
+            def compare(out64, ref64, out=out, ref=ref, name=name, mode=mode):
                 return _compare_features(
-                    enc, name, _mode_name(mode), out, ref, a_tol, r_tol, ref_size=size, outs64=out64, refs64=ref64
+                    enc, name, _mode_name(mode), out, ref, atol, rtol, ref_size=size, outs64=out64, refs64=ref64
                 )
 
             results.append(_with_witness(result, witness, x, fp64, compare))
@@ -901,8 +893,6 @@ def run_contract_checks(
         train=train,
         eval=eval,
         dense=dense,
-        masked_atol=atol,
-        masked_rtol=rtol,
         fp64_witness=witness,
     )
     for pad in canvas_pads:
