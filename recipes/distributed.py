@@ -31,6 +31,7 @@ __all__ = [
     "all_gather_objects",
     "broadcast_object",
     "barrier",
+    "unwrap",
     "broadcast_state",
     "average_gradients",
     "DistBatchNorm2d",
@@ -168,6 +169,12 @@ def barrier() -> None:
     """Wait for all ranks (no-op in a single process)."""
     if _active():
         dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 class DistBatchNorm2d(nn.BatchNorm2d):
