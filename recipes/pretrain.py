@@ -35,7 +35,6 @@ from .config import (
     explicit_settings,
     resolve_config,
 )
-from .run_folder import RunFolder
 
 __all__ = ["PRESETS", "COMMON_DEFAULTS", "PretrainConfig", "build_parser", "resolve_config", "main"]
 
@@ -53,9 +52,11 @@ def _pretrain(argv: Sequence[str] | None) -> int:
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     explicit = explicit_settings(args)
-    if "input_size" in explicit:
-        parse_size(explicit["input_size"])
+    # Check the flags on their own first, before torch is imported: argument errors stay instant.
+    resolve_config({**explicit, "out": explicit.get("out") or "."})
     out = Path(explicit.get("out") or default_out(explicit))
+    from .run_folder import RunFolder  # imports torch: only after the arguments parsed (fast --help)
+
     resume_path = RunFolder(out).find_resume(str(args.resume))
     from . import checkpoint as ckpt
     from . import distributed as dist_utils
