@@ -36,6 +36,7 @@ __all__ = [
     "classifier_names",
     "head_prefixes",
     "model_slug",
+    "same_model_spec",
 ]
 
 # Drop-path rates of the SparK paper's pretraining recipe (design.md section 7).
@@ -80,8 +81,20 @@ def parse_model_spec(text: str) -> ModelSpec:
 def model_slug(text: str) -> str:
     """A short, file-name-safe name for a model spec (for run directories)."""
     spec = parse_model_spec(text)
-    name = spec.name.rsplit(":", 1)[-1] if spec.kind == "factory" else spec.name
+    if spec.kind == "factory":  # the module's own name too: two files may both define ``make``
+        module, _, func = spec.name.rpartition(":")
+        name = f"{Path(module).stem if module.endswith('.py') else module}-{func}"
+    elif spec.kind == "torchvision":  # never the same folder as timm's model of the same name
+        name = f"torchvision-{spec.name}"
+    else:
+        name = spec.name
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def same_model_spec(a: str, b: str) -> bool:
+    """Whether two ``--model`` values name the same model (``timm:resnet18`` and ``resnet18`` do)."""
+    sa, sb = parse_model_spec(a), parse_model_spec(b)
+    return (sa.kind, sa.name) == (sb.kind, sb.name)
 
 
 def default_drop_path(text: str) -> float:
