@@ -309,6 +309,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 def load_init(model: nn.Module, path: str | os.PathLike[str], allow_missing: tuple[str, ...] = ()) -> list[str]:
     """Load a local state dict into ``model``; only keys under ``allow_missing`` prefixes may be absent.
 
+    The file may not hold tensors the model lacks (a deeper or other architecture).
+
     Tensors whose shapes differ (e.g. an old classifier with another class count) are dropped when they
     belong to ``allow_missing`` modules, and are an error otherwise.
 
@@ -346,4 +348,10 @@ def load_init(model: nn.Module, path: str | os.PathLike[str], allow_missing: tup
     loaded = len(state) - len(result.unexpected_keys)
     if loaded == 0:
         raise RecipeError(f"'{path}' shares no tensor names with this model; was it saved from another architecture?")
+    extra = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if extra:  # e.g. a deeper network's backbone: its extra blocks would be dropped without a word
+        raise RecipeError(
+            f"'{path}' does not fit this model: it holds {len(extra)} tensors the model lacks "
+            f"(e.g. {', '.join(extra[:3])}); was it saved from another architecture?"
+        )
     return missing
