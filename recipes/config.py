@@ -70,6 +70,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "vis_images": 8,
     "sample_length": 576,
     "tensorboard": True,
+    "dist_timeout": 30.0,
 }
 
 # Settings that fix the shapes of the saved state: a resumed run may not change them.
@@ -117,6 +118,7 @@ class PretrainConfig:
     sample_length: int
     tensorboard: bool
     preset: str
+    dist_timeout: float
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -208,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vis-images", type=int, help="images in the reconstruction grids (0 = none)")
     r.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite losses in a row")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
+    r.add_argument(
+        "--dist-timeout",
+        type=float,
+        help="minutes a process waits for the others in a collective before the run fails (torchrun; default 30)",
+    )
     r.add_argument("--preset", choices=sorted(PRESETS), help="defaults to use: 'demo' without --data, 'paper' with it")
     return p
 
@@ -311,6 +318,7 @@ def _validate(cfg: PretrainConfig) -> None:
         (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
         (cfg.save_every is None or cfg.save_every >= 1, f"--save-every must be >= 1, got {cfg.save_every}"),
         (cfg.in_chans is None or cfg.in_chans >= 1, f"--in-chans must be >= 1, got {cfg.in_chans}"),
+        (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -19,11 +19,13 @@ pictures, outputs); this module only ties them together.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .cli import EXIT_INTERRUPTED, RecipeError, parse_size, quiet_known_warnings, run_main
+from .cli import EXIT_INTERRUPTED, quiet_known_warnings, run_main
 from .config import (
     COMMON_DEFAULTS,
     PRESETS,
@@ -35,6 +37,10 @@ from .config import (
     explicit_settings,
     resolve_config,
 )
+from .resume import check_resume
+
+# Settings a resumed run may change, with a notice (the shape-fixing ones, SHAPE_KEYS, it may not).
+NOTICE_KEYS = ("batch_size", "mask_ratio", "seed", "accum", "crop_scale")
 
 __all__ = ["PRESETS", "COMMON_DEFAULTS", "PretrainConfig", "build_parser", "resolve_config", "main"]
 
@@ -55,32 +61,39 @@ def _pretrain(argv: Sequence[str] | None) -> int:
     # Check the flags on their own first, before torch is imported: argument errors stay instant.
     resolve_config({**explicit, "out": explicit.get("out") or "."})
     out = Path(explicit.get("out") or default_out(explicit))
-    from .run_folder import RunFolder  # imports torch: only after the arguments parsed (fast --help)
+    from .run_folder import RunFolder  # imports torch: only once the arguments are known to be good
 
-    resume_path = RunFolder(out).find_resume(str(args.resume))
+    folder = RunFolder(out)
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun's rank, before the process group exists
+    if main_process:
+        folder.check_writable()  # before the model is built: fail in a second, not after minutes
+        folder.lock()  # one live run per folder (released when this process ends, however it ends)
+    try:
+        return _locked_pretrain(args, explicit, folder, main_process)
+    finally:
+        folder.unlock()
+
+
+def _locked_pretrain(args: Any, explicit: dict[str, Any], folder: Any, main_process: bool) -> int:
     from . import checkpoint as ckpt
     from . import distributed as dist_utils
     from .train_loop import Pretrainer
 
+    resume_path = folder.find_resume(str(args.resume))
     saved_state: dict | None = None
     saved_cfg: dict | None = None
     if resume_path is not None:
         saved_state, resume_path = ckpt.load_checkpoint(resume_path)
         saved_cfg = dict(saved_state.get("config") or {})
         saved_cfg.pop("out", None)
-        for key in SHAPE_KEYS:
-            if key in explicit and key in saved_cfg:
-                mine = parse_size(explicit[key]) if key == "input_size" else explicit[key]
-                theirs = tuple(saved_cfg[key]) if key == "input_size" else saved_cfg[key]
-                if mine != theirs:
-                    raise RecipeError(
-                        f"'{out}' holds a run with {key.replace('_', '-')}={saved_cfg[key]!r}, "
-                        "but this command asks "
-                        f"for {explicit[key]!r}; use another --out for a new run (or --resume never)"
-                    )
-    explicit["out"] = str(out)
+        notices = check_resume(
+            folder.out, explicit, saved_cfg, saved_state.get("resolved") or {}, SHAPE_KEYS, NOTICE_KEYS
+        )
+        for line in notices if main_process else []:
+            print(line, flush=True)
+    explicit["out"] = str(folder.out)
     cfg = resolve_config(explicit, saved_cfg)
-    env = dist_utils.setup(cfg.device)
+    env = dist_utils.setup(cfg.device, timeout_minutes=cfg.dist_timeout)
     try:
         trainer = Pretrainer(cfg, env, resume_path, saved_state)
         return trainer.run(explicit)

@@ -81,7 +81,7 @@ def finish_outputs(t: Pretrainer) -> dict[str, Path]:
         return written
     backbone = t.out / "backbone.safetensors"
     tmp = t.out / f".backbone.tmp-{os.getpid()}.safetensors"
-    t.export_backbone(dist_utils.unwrap(t.spark), tmp)
+    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=t.cfg.model)  # the header names the model
     os.replace(tmp, backbone)
     written["backbone"] = backbone
     end = write_reconstructions(t, "recon_end.png")

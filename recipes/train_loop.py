@@ -39,7 +39,7 @@ from .data import (
 from .logs import RunLogger, progress
 from .models import build_model, default_drop_path, head_prefixes, load_init
 from .optim import create_optimizer, param_groups, set_lr_and_wd
-from .run_folder import RunFolder
+from .run_folder import RunFolder, release_inherited_locks
 from .schedules import lr_at, wd_at
 from .stop import StopRequest
 
@@ -69,6 +69,7 @@ def _suggest_sizes(size: tuple[int, int], r: int) -> str:
 
 def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+    release_inherited_locks()  # the run folder's lock belongs to the main process alone
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -234,6 +235,8 @@ class Pretrainer:
                 "config": self.cfg.to_dict(),
                 "skipped_files": bad,
                 "first_loss": self.first_loss,
+                # what the config left to the model (None there): resume checks compare against these
+                "resolved": {"in_chans": self.in_chans, "mask_ratio": self.mask_ratio},
             }
             path = self.run_folder.save_checkpoint(state, step, self.cfg.keep)
         dist_utils.barrier()
@@ -332,6 +335,7 @@ class Pretrainer:
         code = EXIT_OK
         losses: list[tuple[int, float]] = []
         bad_streak = 0
+        successes = 0
         bar = progress(self.total_steps, start, env.is_main)
         step = start
         it = None
@@ -355,27 +359,34 @@ class Pretrainer:
                             0.0 if math.isfinite(loss_sum) else 1.0,
                             1.0 if stop.reason else 0.0,
                             float(images),
+                            0.0 if self._buffers_finite() else 1.0,
                         ],
                         dtype=torch.float64,
                     )
                     dist_utils.all_reduce_sum(flags)
                     loss = float(flags[0]) / env.world_size
-                    finite = flags[1].item() == 0
-                    step_done = False
-                    if finite:
+                    # A finite but huge loss can still overflow a running variance: that step is bad too.
+                    finite = flags[1].item() == 0 and flags[4].item() == 0
+                    grad_norm = self.apply_update() if finite else None
+                    step_done = grad_norm is not None
+                    if step_done:
                         bad_streak = 0
-                        grad_norm = self.apply_update()
-                        step_done = True
+                        successes += 1
                     else:
                         self.optimizer.zero_grad(set_to_none=True)
                         with torch.no_grad():  # undo what the bad forward did to BatchNorm statistics
                             for b, saved in zip(self.buffers, backup):
                                 b.copy_(saved)
                         bad_streak += 1
+                        what = (
+                            "loss"
+                            if flags[1].item()
+                            else ("BatchNorm running statistics" if flags[4].item() else "gradients")
+                        )
                         if env.is_main:
                             warn(
-                                f"non-finite loss at step {step + 1}; skipped this update "
-                                f"({bad_streak} in a row, stopping at {cfg.max_bad_steps})"
+                                f"non-finite {what} at step {step + 1}; skipped this update and restored the "
+                                f"running statistics ({bad_streak} in a row, stopping at {cfg.max_bad_steps})"
                             )
                         if bad_streak >= cfg.max_bad_steps:
                             where = (
@@ -436,6 +447,15 @@ class Pretrainer:
                 bar.close()
                 it = None
 
+        if code == EXIT_OK and successes == 0 and step > start:
+            # Every step of this run was skipped: nothing was learned and nothing new was saved.
+            self.say(
+                f"{PROG}: error: none of the {step - start} steps of this run succeeded (all had non-finite "
+                f"values); no checkpoint was written. The last good checkpoint is "
+                f"{self.run_folder.latest() or 'none'}. Try a lower --base-lr, --precision fp32, or check the data.",
+                file=sys.stderr,
+            )
+            code = EXIT_FAILED
         if code == EXIT_OK:
             outputs = report.finish_outputs(self)
             report.summary(self, outputs, losses)
@@ -481,14 +501,27 @@ class Pretrainer:
             images += x.shape[0]
         return total, images
 
-    def apply_update(self) -> float:
-        """Clip, step, zero; returns the gradient norm before clipping."""
+    def _buffers_finite(self) -> bool:
+        """Whether every floating-point buffer (BatchNorm running statistics) is still finite."""
+        floats = [b for b in self.buffers if b.is_floating_point()]
+        if not floats:
+            return True
+        return bool(torch.isfinite(torch.cat([b.reshape(-1).float() for b in floats])).all())  # few kernels
+
+    def apply_update(self) -> float | None:
+        """Clip, step, zero; returns the gradient norm before clipping (``None``: non-finite, step skipped).
+
+        Gradients are already averaged across ranks here, so every rank takes the same decision.
+        """
         if self.manual_sync:
             dist_utils.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.clip_grad if self.cfg.clip_grad and self.cfg.clip_grad > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if self.scaler is None and not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
