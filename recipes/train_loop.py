@@ -37,6 +37,7 @@ from .data import (
     estimate_channel_stats,
     find_images,
 )
+from .knn import KnnMonitor
 from .logs import RunLogger, progress
 from .models import build_model, default_drop_path, head_prefixes, load_init
 from .optim import create_optimizer, param_groups, set_lr_and_wd
@@ -178,6 +179,60 @@ class Pretrainer:
                     b.copy_(v)
             torch.cuda.empty_cache()
 
+    # ---- monitoring: k-NN accuracy and reconstruction pictures during the run
+    def build_knn(self) -> None:
+        """Read the --knn-data images once (main process); the others skip the monitor."""
+        cfg = self.cfg
+        self.knn: KnnMonitor | None = None
+        self.knn_history: list[tuple[int, float]] = []
+        self.knn_every = cfg.knn_every
+        self._knn_seconds = 0.0
+        self._step_times: list[float] = []
+        if cfg.knn_data and self.env.is_main:
+            self.knn = KnnMonitor(
+                cfg.knn_data, cfg.input_size, self.in_chans, self.mean, self.std, k=cfg.knn_k,
+                batch=self.plan.micro_batch,
+            )  # fmt: skip
+
+    def knn_schedule(self) -> str:
+        if self.knn_every:
+            return f"every {self.knn_every} steps and at the end"
+        return "at the start, the end, and at an interval measured to cost under 2% of the training time"
+
+    def evaluate_knn(self, step: int) -> None:
+        """Evaluate the k-NN monitor now (main process), log it and remember it for the summary."""
+        if self.knn is None:
+            return
+        t0 = time.perf_counter()
+        acc = self.knn.evaluate(dist_utils.unwrap(self.spark).encoder, self.env.device, self.autocast_dtype)
+        self._knn_seconds = time.perf_counter() - t0
+        self.knn_history.append((step, acc))
+        if self.logger is not None:
+            self.logger.log(step, {"knn_top1": acc, "knn_seconds": self._knn_seconds})
+
+    def after_step(self, step: int, start: int) -> None:
+        """Periodic monitoring after optimiser step ``step``: k-NN accuracy and TensorBoard pictures."""
+        if not self.env.is_main:
+            return
+        if self.knn is not None:
+            if self.knn_every is None:
+                # Choose the interval from measured costs: the first evaluation against the median step.
+                self._step_times.append(time.perf_counter())
+                if len(self._step_times) == 11:
+                    gaps = sorted(b - a for a, b in zip(self._step_times, self._step_times[1:]))
+                    per_step = gaps[len(gaps) // 2]
+                    self.knn_every = max(1, math.ceil(self._knn_seconds / (0.02 * max(per_step, 1e-6))))
+                    self.say(
+                        f"  k-NN monitor: one evaluation takes {self._knn_seconds:.2g} s, a step {per_step:.2g} s: "
+                        f"evaluating every {self.knn_every} steps (< 2% of training time)"
+                    )
+            if step == self.total_steps or (self.knn_every and (step - start) % self.knn_every == 0):
+                self.evaluate_knn(step)
+        if self.logger is not None and self.logger.writer is not None and step % self.vis_every == 0:
+            path = report.write_reconstructions(self, "recon_latest.png")
+            if path is not None:
+                self.logger.add_image("reconstructions", path, step)
+
     # ---- model
     def build_model(self) -> None:
         cfg = self.cfg
@@ -241,7 +296,7 @@ class Pretrainer:
             if warmup > self.total_steps // 4 and "warmup" not in self.explicit:
                 warmup = self.total_steps // 4
         self.warmup_steps = min(warmup, self.total_steps)
-        self.peak_lr = cfg.lr if cfg.lr is not None else peak_lr(cfg.base_lr, cfg.batch_size, cfg.lr_rule)
+        self.peak_lr = cfg.lr if cfg.lr is not None else peak_lr(cfg.base_lr, cfg.batch_size, cfg.lr_rule, cfg.min_lr)
         groups = param_groups(self.spark.named_parameters(), cfg.weight_decay)
         self.optimizer = create_optimizer(
             groups, lr=self.peak_lr, weight_decay=cfg.weight_decay, norm_type=self.norm_type, opt=cfg.opt
@@ -335,6 +390,8 @@ class Pretrainer:
         if self.resume_state is not None:
             start = self.restore()  # restores every RNG stream as well
         self.vis = report.vis_batch(self) if env.is_main else None
+        self.vis_every = cfg.vis_every or max(1, self.total_steps // 10)
+        self.build_knn()
         report.header(self, start)
 
         self.logger = (
@@ -352,6 +409,7 @@ class Pretrainer:
             path = report.write_reconstructions(self, "recon_start.png")
             if path is not None and self.logger is not None:
                 self.logger.add_image("reconstructions/start", path, 0)
+        self.evaluate_knn(start)
 
         if start >= self.total_steps:
             self.say(
@@ -481,6 +539,8 @@ class Pretrainer:
                         t_last = time.perf_counter()
                         if env.is_main:
                             bar.update(1)
+                    if step_done:
+                        self.after_step(step, start)
                     stopping = vals[2] > 0
                     periodic = (step % self.save_every == 0 or step == self.total_steps) and bad_streak == 0
                     if periodic or stopping:
