@@ -391,7 +391,13 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     by_name = {n.name: n for n in gm.graph.nodes}
     cut_shapes_a = {n: shapes_a.get(by_name.get(n.name)) for n in cut.graph.nodes}
     cut_shapes_b = {n: shapes_b.get(by_name.get(n.name)) for n in cut.graph.nodes}
-    analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, ratio, cut_outputs)
+    try:
+        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, ratio, cut_outputs)
+    except SparsifyError as error:
+        stem = _unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
+        if stem:
+            raise SparsifyError(f"{type(model).__name__}: {stem}\n{error}") from error
+        raise
     sparse_graph = build_sparse_graph(cut, analysis, cut_outputs, cut_shapes_a, cut_shapes_b)
     sparse_gm = fx.GraphModule(cut, sparse_graph, "Sparse" + type(model).__name__)
     _share_modules(sparse_gm, model)
@@ -483,6 +489,34 @@ def _check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, siz
                 "Masked patches cannot be mapped onto such maps; pad the first layers (padding=kernel_size//2)."
                 + (f"\nDetails: {error}" if error is not None else ""))
         break
+
+
+def _unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
+                    size_b: tuple[int, int], outputs: list[fx.Node]) -> str:
+    """Name the first feature map, on every path to the stages, whose size is not the input's divided
+    by a whole stride (an unpadded first convolution): everything after it is off the patch grid."""
+    nodes = list(gm.graph.nodes)
+    input_node = nodes[0]
+    for node in nodes[1:]:
+        shape = shapes_a.get(node)
+        if not isinstance(shape, torch.Size) or len(shape) != 4:
+            continue
+        if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None:
+            continue
+        seen, todo = {node, input_node}, [input_node]
+        while todo:  # can the stages be reached from the input without passing through this node?
+            for user in todo.pop().users:
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        if any(out in seen for out in outputs):
+            return ""
+        return (f"its first layers never line up with the patch grid: node '{node.name}' in module "
+                f"'{module_path(node) or '<top level>'}' turns a {size_a[0]}x{size_a[1]} input into "
+                f"{shape[2]}x{shape[3]}, not the input divided by a whole stride (e.g. a convolution without "
+                "padding), and every feature map after it is shifted against the patches. Pad the first layers "
+                "(padding=kernel_size//2) so masked patches map onto the feature maps.")
+    return ""
 
 
 def _stage_modules(gm: fx.GraphModule, stage_nodes: list[fx.Node]) -> list[str | None]:
