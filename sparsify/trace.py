@@ -127,10 +127,9 @@ def _drop_fixed_inputs(gm: fx.GraphModule, fixed: dict[str, Any]) -> None:
                 if user not in doomed and user not in todo:
                     todo.append(user)
         if any(n is not ph and (n.op != "call_function" or n.target not in guards) for n in doomed):
-            name = str(ph.target).split("_")[0] if fixed else str(ph.target)
             raise SparsifyError(
-                f"the traced graph still uses forward argument '{ph.target}' as a value ({name}); pass "
-                "concrete_args={...} with a value for it to sparsify.wrap")
+                f"the traced graph still uses the forward argument placeholder '{ph.target}' as a value; pass "
+                "concrete_args={...} with a plain value (bool, number, None) for it to sparsify.wrap")
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for node in sorted(set(doomed), key=order.get, reverse=True):
             gm.graph.erase_node(node)
@@ -147,12 +146,25 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
     traced module path.
     """
     fixed = _concrete_args(model, concrete_args)
-    tracer = SparsifyTracer(leaf_modules, autowrap_functions, **(tracer_kwargs or {}))
+    kwargs = dict(tracer_kwargs or {})
     own_attributes = set(model.__dict__)
     own_buffers = set(model._buffers)
     own_parameters = set(model._parameters)
     try:
-        graph = tracer.trace(model, concrete_args=fixed or None)
+        tracer = SparsifyTracer(leaf_modules, autowrap_functions, **kwargs)
+        try:
+            graph = tracer.trace(model, concrete_args=fixed or None)
+        except SparsifyError:
+            raise
+        except Exception:
+            if "proxy_buffer_attributes" in kwargs:
+                raise
+            # Python code that branches on a buffer's value cannot trace it as a graph value: trace such
+            # a model with buffers read as tensors, as fx does by default.
+            for name in set(model.__dict__) - own_attributes:
+                delattr(model, name)
+            tracer = SparsifyTracer(leaf_modules, autowrap_functions, proxy_buffer_attributes=False, **kwargs)
+            graph = tracer.trace(model, concrete_args=fixed or None)
     except SparsifyError:
         raise
     except Exception as error:
