@@ -48,6 +48,16 @@ class BranchesOnValues(nn.Module):
         return y if y.sum() > 0 else -y
 
 
+class BranchesOnMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * 0.5 if self.training else y
+
+
 def _small() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
@@ -84,6 +94,9 @@ def test_root_level_control_flow_never_suggests_the_root_as_leaf():
         sparsify.wrap(BranchesOnValues(), (32, 32))
     assert "leaf_modules=[BranchesOnValues]" not in str(info.value)
     assert "concrete_args" in str(info.value)
+    with pytest.raises(sparsify.SparsifyError, match="BranchesOnMode.forward itself") as info:
+        sparsify.wrap(BranchesOnMode(), (32, 32))
+    assert "leaf_modules=[<that module" not in str(info.value)
 
 
 def test_pickle_torch_save_and_deepcopy_of_whole_modules():
