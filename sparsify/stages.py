@@ -123,10 +123,45 @@ def _is_norm_tail(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules.get(node.target), (nn.LayerNorm, nn.Identity))
 
 
-def _is_tail_step(call: Call | None, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+_MEANS = {torch.mean, torch.var, torch.std, torch.var_mean, F.layer_norm}
+
+
+def _is_tail_step(call: Call | None, node: fx.Node, g: _Graph) -> bool:
+    """A step that ends no stage: a per-site LayerNorm (any implementation), its permutes, or Identity."""
     if call is None:
-        return _is_norm_tail(node, modules)
-    return call.type is not None and issubclass(call.type, (nn.LayerNorm, nn.Identity))
+        return _is_norm_tail(node, g.modules)
+    if call.type is not None and issubclass(call.type, (nn.LayerNorm, nn.Identity)):
+        return True
+    # A hand-written norm (e.g. a channels-first LayerNorm): normalises, keeps the shape, and holds
+    # nothing but per-channel parameters (a conv or linear layer would make it real computation).
+    normalises = False
+    for n in call.nodes:
+        if n.op == "call_module":
+            module = g.modules.get(n.target)
+            if module is None or any(p.dim() > 1 for p in module.parameters()):
+                return False
+            normalises |= isinstance(module, nn.LayerNorm)
+        elif n.op == "get_attr":
+            value = _attr(g.gm, n.target)
+            if isinstance(value, torch.Tensor) and value.dim() > 1:
+                return False
+        elif n.op == "call_function":
+            if n.target in (F.conv2d, F.linear, torch.conv2d, torch.matmul):
+                return False
+            normalises |= n.target in _MEANS
+        elif n.op == "call_method":
+            normalises |= n.target in ("mean", "var", "std")
+    inside = set(call.nodes)
+    inputs = {a for n in call.nodes for a in n.all_input_nodes if a not in inside}
+    maps = [a for a in inputs if isinstance(g.shapes_a.get(a), torch.Size) and len(g.shapes_a[a]) == 4]
+    return normalises and len(maps) == 1 and g.shapes_a.get(call.output) == g.shapes_a[maps[0]]
+
+
+def _attr(root: nn.Module, target: str) -> object:
+    obj: object = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 class _Graph:
@@ -314,7 +349,7 @@ def _stage_end(g: _Graph, level: tuple[str, ...], stride: int, limit: int, neede
         steps = [(call, out) for call, out in g.calls.items(level, g.nodes)
                  if out in needed and g.strides.get(out) == stride and g.order[out] < limit
                  and g.everything_depends_on(out)]
-        while len(steps) > 1 and _is_tail_step(*steps[-1], g.modules):
+        while len(steps) > 1 and _is_tail_step(*steps[-1], g):
             steps.pop()
         if steps:
             return steps[-1][1]
