@@ -23,7 +23,7 @@ from .errors import SparsifyError
 from .masking import check_mask
 from .modes import live_mode_flags
 from .rewrite import build_dense_graph, build_sparse_graph
-from .stages import Stage, discover_stages, node_stride
+from .stages import GraphNode, Stage, describe_nodes, discover_stages
 from .trace import module_path, trace
 
 __all__ = ["wrap", "SparseEncoder", "graph_node_names"]
@@ -168,7 +168,8 @@ class SparseEncoder(nn.Module):
     shares the wrapped model's Module, Parameter and buffer objects under the same state_dict names.
 
     Attributes:
-        stages: list of :class:`sparsify.stages.Stage` records (name, stride, channels).
+        stages: list of :class:`sparsify.Stage` records (node name, stride, channels, and the module
+            path whose output the stage is, if any).
         feature_channels / feature_strides: per stage, finest to coarsest.
         downsample_ratio: the final stride R, which is also the mask patch size.
         in_chans: input channels. input_size: the size used for tracing.
@@ -267,7 +268,7 @@ class SparseEncoder(nn.Module):
         return _DenseEncoder(fx.GraphModule(self._root, self._dense_graph, "DenseEncoder"))
 
     def extra_repr(self) -> str:
-        pyramid = ", ".join(f"{s.name}@{s.stride}:{s.channels}" for s in self.stages)
+        pyramid = ", ".join(f"{s.module or s.name}@{s.stride}:{s.channels}" for s in self.stages)
         return f"model={self.model_name}, R={self.downsample_ratio}, stages=[{pyramid}]"
 
 
@@ -341,8 +342,10 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
             the encoder shares its modules and parameters.
         input_size: example (H, W) used for tracing and stage discovery only; at run time any H, W
             that are multiples of the downsample ratio work.
-        stages: "auto" or the graph node names to return, finest to coarsest
-            (see :func:`graph_node_names`). Everything after the last stage is cut away.
+        stages: "auto" (the end of each stage, one per stride from 4 up; for a model returning a
+            list/tuple/dict of maps, those maps) or the stages to return, finest to coarsest, each a
+            graph node name or a module name (that module's output; see :func:`graph_node_names`).
+            Everything after the last stage is cut away.
         in_chans: input channels (default: the first Conv2d's in_channels, divided by k * k when a
             space-to-depth stem comes before it).
         leaf_modules: module classes to keep whole when tracing (each needs an adapter if it
@@ -378,7 +381,7 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
             + f"\nDetails: {error}") from error
     names = None if stages == "auto" else list(stages)
     if isinstance(stages, str) and stages != "auto":
-        raise SparsifyError(f"stages must be 'auto' or a list of node names, got {stages!r}")
+        raise SparsifyError(f"stages must be 'auto' or a list of node or module names, got {stages!r}")
     try:
         chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
     except SparsifyError as error:
@@ -417,9 +420,14 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
 
 
 def graph_node_names(model: nn.Module, input_size: int | Sequence[int] = (224, 224), *,
-                     in_chans: int | None = None, leaf_modules: Iterable[type] = ()
-                     ) -> list[tuple[str, int | None, tuple[int, ...] | None]]:
-    """(node name, stride or None, example shape) for every node: candidates for ``stages=[...]``."""
+                     in_chans: int | None = None, leaf_modules: Iterable[type] = ()) -> list[GraphNode]:
+    """Every node of the traced model: candidates for ``stages=[...]``.
+
+    Each row is a :class:`sparsify.stages.GraphNode` ``(name, stride, shape, module, stage)``: the node
+    name, its stride (None unless an (N, C, H, W) map scaling with the input), its shape at
+    ``input_size``, the module it belongs to, and ``stage``: its index in the pyramid that
+    ``stages="auto"`` chooses (None for every other node).
+    """
     size_a = _pair(input_size)
     size_b = (size_a[0] * 2, size_a[1] * 2)
     gm = trace(model, tuple(leaf_modules))
@@ -428,6 +436,4 @@ def graph_node_names(model: nn.Module, input_size: int | Sequence[int] = (224, 2
     else:
         in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
     shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
-    return [(n.name, node_stride(shapes_a.get(n), shapes_b.get(n), size_a, size_b),
-             tuple(shapes_a[n]) if isinstance(shapes_a.get(n), torch.Size) else None)
-            for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    return describe_nodes(gm, shapes_a, shapes_b, size_a, size_b)
