@@ -315,6 +315,10 @@ def _adopt(owner: nn.Module, gm: fx.GraphModule) -> None:
         owner._parameters[name] = p
     for name, b in gm.named_buffers(recurse=False):
         owner._buffers[name] = b
+        if name.startswith("_tensor_constant"):
+            # A tensor made in forward from Python values (torch.tensor([...])): part of the code, not of
+            # the model's state, so the encoder's state_dict still loads strictly into the model.
+            owner._non_persistent_buffers_set.add(name)
     root = nn.Module()
     root._modules = owner._modules
     root._parameters = owner._parameters
