@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_INTERRUPTED, parse_size, quiet_known_warnings, run_main
+from .cli import EXIT_INTERRUPTED, quiet_known_warnings, run_main
 from .config import (
     COMMON_DEFAULTS,
     PRESETS,
@@ -38,7 +38,6 @@ from .config import (
     resolve_config,
 )
 from .resume import check_resume
-from .run_folder import RunFolder
 
 # Settings a resumed run may change, with a notice (the shape-fixing ones, SHAPE_KEYS, it may not).
 NOTICE_KEYS = ("batch_size", "mask_ratio", "seed", "accum", "crop_scale")
@@ -59,9 +58,11 @@ def _pretrain(argv: Sequence[str] | None) -> int:
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     explicit = explicit_settings(args)
-    if "input_size" in explicit:
-        parse_size(explicit["input_size"])
+    # Check the flags on their own first, before torch is imported: argument errors stay instant.
+    resolve_config({**explicit, "out": explicit.get("out") or "."})
     out = Path(explicit.get("out") or default_out(explicit))
+    from .run_folder import RunFolder  # imports torch: only once the arguments are known to be good
+
     folder = RunFolder(out)
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun's rank, before the process group exists
     if main_process:
@@ -73,7 +74,7 @@ def _pretrain(argv: Sequence[str] | None) -> int:
         folder.unlock()
 
 
-def _locked_pretrain(args: Any, explicit: dict[str, Any], folder: RunFolder, main_process: bool) -> int:
+def _locked_pretrain(args: Any, explicit: dict[str, Any], folder: Any, main_process: bool) -> int:
     from . import checkpoint as ckpt
     from . import distributed as dist_utils
     from .train_loop import Pretrainer
