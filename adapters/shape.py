@@ -124,11 +124,23 @@ def _cat_rule(view: NodeView) -> Decision:
     spatial = [i for i in infos if i is not None and i.spatial is not None]
     if not spatial:
         return passthrough_nonspatial(view)
-    if len(spatial) != len(infos) or len({i.spatial for i in spatial}) != 1:
-        raise Unsupported("concatenates feature maps with non-spatial tensors or different layouts")
+    if len({i.spatial for i in spatial}) != 1:
+        raise Unsupported("concatenates feature maps with different layouts")
     ndim = len(shapes[0])
     dim = view.arg(1, "dim", 0)
     layout = spatial[0].spatial
+    for info, shape in zip(infos, shapes):
+        if info is None or info.spatial is not None:
+            continue
+        # a pooled vector broadcast over the map (expand / repeat) is one value per sample: a map
+        # that is simply not zero at masked sites; anything varying over space is a fixed map
+        varies = info.varies if info.varies is not None else shape
+        if not isinstance(varies, (tuple, torch.Size)) or len(varies) != ndim or any(
+                varies[d] != 1 for d in layout):
+            raise Unsupported("concatenates feature maps with a non-spatial tensor that varies over space "
+                              "(a coordinate channel or fixed map): it is not computed from the visible "
+                              "sites, so masked patches and a larger canvas would change what they see")
+        spatial.append(Info(spatial=layout, zero=False))
     if view.node.target is torch.stack:
         dim = dim % (ndim + 1)
         layout = tuple(d + (1 if d >= dim else 0) for d in layout)
@@ -202,13 +214,30 @@ def _getitem_rule(view: NodeView) -> Decision:
 register_rule(operator.getitem, _getitem_rule)
 
 
+def _getattr_rule(view: NodeView) -> Decision:
+    # ``torch.max(x, 1).values`` / ``.indices``: pick a field of a (values, indices) result.
+    container, name = view.args[0], view.args[1]
+    info = view.info(container)
+    if isinstance(info, tuple) and name in ("values", "indices"):
+        return Decision(out=info[0 if name == "values" else 1])
+    if isinstance(info, Info) and info.spatial is not None:
+        raise Unsupported(f"reads attribute .{name} of a feature map")
+    return passthrough_nonspatial(view)
+
+
+register_rule(getattr, _getattr_rule)
+
+
 def _expand_rule(view: NodeView) -> Decision:
     # A non-spatial tensor broadcast to a feature map's shape carries one value per sample/channel;
     # it stays a broadcast constant (ECA's y.expand_as(x)).
     x = view.args[0]
     info = view.info(x)
-    if info is None or info.spatial is None:
+    if info is None:
         return Decision(out=NONSPATIAL)
+    if info.spatial is None:  # values still vary only where the input's did
+        varies = info.varies if info.varies is not None else view.shape(x)
+        return Decision(out=info.but(varies=tuple(varies)))
     return Decision(out=info)
 
 
@@ -216,9 +245,24 @@ for _t in ("expand", "expand_as", torch.broadcast_to, "broadcast_to"):
     register_rule(_t, _expand_rule)
 
 
+def _repeat_rule(view: NodeView) -> Decision:
+    x = view.args[0]
+    info = view.info(x)
+    if info is None or info.spatial is None:
+        return _expand_rule(view)  # tiling a pooled vector is a broadcast of it
+    reps = _dims_arg(view, 1, "repeats")
+    shift = len(reps) - len(view.shape(x))
+    if any(reps[d + shift] != 1 for d in info.spatial):
+        raise Unsupported("repeats a feature map along a spatial dim")
+    return Decision(out=info.but(spatial=tuple(d + shift for d in info.spatial)))
+
+
+register_rule("repeat", _repeat_rule)
+
+
 def _fresh_rule(view: NodeView) -> Decision:
     # New tensors whose values do not come from any site (new_empty, zeros_like, bernoulli noise).
-    return Decision(out=NONSPATIAL)
+    return Decision(out=Info(spatial=None, varies=()))
 
 
 for _t in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "bernoulli_", "uniform_",
