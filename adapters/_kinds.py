@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._registry import NONSPATIAL, Decision, Info, NodeView, Unsupported
+from ._registry import Decision, Info, NodeView, Unsupported
 
 __all__ = [
     "pointwise_rule",

@@ -45,7 +45,7 @@ _UNARY_METHODS = [
 ]
 _NONNEG = {torch.exp2, torch.cosh, torch.absolute, torch.i0, torch.special.expit, torch.special.ndtr,
            torch.special.erfcx, torch.sigmoid_, torch.erfc, "exp2", "cosh", "absolute", "i0", "erfc",
-           "exp_", "abs_", "square_", "cosh"}
+           "exp_", "abs_", "square_"}
 _RANDOM = {F.rrelu}  # draws random slopes in train mode: never evaluated (no RNG use while wrapping)
 
 
