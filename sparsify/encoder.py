@@ -21,6 +21,7 @@ from .masking import check_mask
 from .rewrite import build_dense_graph, build_sparse_graph
 from .stages import Stage, discover_stages, node_stride
 from .trace import module_path, trace
+from .train_branches import only_training_branches
 
 __all__ = ["wrap", "SparseEncoder", "graph_node_names"]
 
@@ -63,6 +64,8 @@ def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs) -> fx
     with eval_mode(model):
         eval_gm = trace(model, leaf_modules, autowrap_functions, tracer_kwargs)
     a, b = _signature(train_gm), _signature(eval_gm)
+    if a != b and only_training_branches(train_gm, eval_gm):
+        return eval_gm  # train mode only adds branches (aux heads) the eval computation never reads
     if a != b and _attention_report(eval_gm):
         raise SparsifyError(f"cannot wrap {type(model).__name__}." + _attention_report(eval_gm))
     if a != b:

@@ -36,9 +36,13 @@ class SparsifyTracer(fx.Tracer):
         timm_modules, timm_functions = _timm_notrace()
         functions = tuple(timm_functions) + tuple(autowrap_functions)
         functions += tuple(tracer_kwargs.pop("autowrap_functions", ()))
+        kept_whole = set(tracer_kwargs.pop("kept_whole", ()))
         super().__init__(autowrap_functions=functions, **tracer_kwargs)
         self._user_leaves = tuple(leaf_modules)
-        self._leaf_types = set(module_rule_types()) | timm_modules
+        # timm's own fx leaves are traced through (most are plain convs and norms inside); only those
+        # whose tracing failed are kept whole (see _trace_with_fallback).
+        self.timm_leaves = timm_modules - set(module_rule_types())
+        self._leaf_types = set(module_rule_types()) | kept_whole
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self._leaf_types or (self._user_leaves and isinstance(m, self._user_leaves)):
@@ -57,12 +61,11 @@ class SparsifyTracer(fx.Tracer):
 def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Callable] = (),
           tracer_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` with :class:`SparsifyTracer`; SparsifyError with the failing module on error."""
-    tracer = SparsifyTracer(leaf_modules, autowrap_functions, **(tracer_kwargs or {}))
     own_attributes = set(model.__dict__)
     own_buffers = set(model._buffers)
     own_parameters = set(model._parameters)
     try:
-        graph = tracer.trace(model)
+        tracer, graph = _trace_with_fallback(model, leaf_modules, autowrap_functions, tracer_kwargs or {})
     except SparsifyError:
         raise
     except Exception as error:
@@ -89,6 +92,42 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
             del model._buffers[name]
         for name in set(model._parameters) - own_parameters:
             del model._parameters[name]
+
+
+def _trace_with_fallback(model: nn.Module, leaf_modules, autowrap_functions, tracer_kwargs: dict
+                         ) -> tuple[SparsifyTracer, fx.Graph]:
+    """Trace through timm's fx leaf modules; keep one whole only when tracing inside it fails."""
+    kept: set[type] = set()
+    while True:
+        tracer = SparsifyTracer(leaf_modules, autowrap_functions, kept_whole=kept, **tracer_kwargs)
+        try:
+            return tracer, tracer.trace(model)
+        except SparsifyError:
+            raise
+        except Exception as error:
+            path = getattr(error, "_sparsify_module_path", None)
+            owner = _timm_leaf_around(model, path, tracer.timm_leaves - kept)
+            if owner is None:
+                raise
+            kept.add(owner)
+            for name in [k for k in model.__dict__ if k.startswith("_tensor_constant")]:
+                delattr(model, name)
+
+
+def _timm_leaf_around(model: nn.Module, path: str | None, candidates: set[type]) -> type | None:
+    """The type of the outermost module on ``path`` (the failing one and its parents) that timm
+    declares an fx leaf, or None."""
+    if not path or not candidates:
+        return None
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):
+        try:
+            module = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            return None
+        if type(module) in candidates:
+            return type(module)
+    return None
 
 
 def module_path(node: fx.Node) -> str | None:
