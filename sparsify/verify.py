@@ -19,16 +19,9 @@ import torch
 import torch.nn as nn
 
 from .errors import SparsifyError
-from .testing.assertions import (
-    ATOL,
-    DENSE_ATOL,
-    DENSE_RTOL,
-    RTOL,
-    CheckResult,
-    check_shares_parameters,
-    format_results,
-    run_contract_checks,
-)
+from .testing._contract import run_contract_checks
+from .testing._results import ATOL, DENSE_ATOL, DENSE_RTOL, RTOL, CheckResult, format_results
+from .testing._sharing import check_shares_parameters
 
 __all__ = ["VerifyReport", "verify"]
 
