@@ -269,3 +269,26 @@ for _t in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "bern
            "normal_", torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
            torch.randn_like, torch.full_like):
     register_rule(_t, _fresh_rule)
+
+
+def _pixel_shuffle_rule(down: bool):
+    # pixel_unshuffle (space-to-depth stems) gathers r x r neighbouring sites into channels: a mixing
+    # step that keeps a zero input zero once r divides the patch size (the output grid is then
+    # aligned); pixel_shuffle spreads each site's channels over r x r sites: a relayout per site.
+    def rule(view: NodeView) -> Decision:
+        x = view.args[0] if view.args else view.kwargs.get("input")
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        if info.spatial != (2, 3) or len(view.shape(x)) != 4:
+            raise Unsupported("pixel (un)shuffle of a map that is not in (N, C, H, W) layout")
+        out = Info(spatial=(2, 3), zero=info.zero or down, nonneg=info.nonneg, aligned=info.aligned)
+        return Decision(out=out, require_zero=[x] if down else [])
+
+    return rule
+
+
+for _t in (nn.PixelUnshuffle, torch.pixel_unshuffle, torch.nn.functional.pixel_unshuffle):
+    register_rule(_t, _pixel_shuffle_rule(down=True))
+for _t in (nn.PixelShuffle, torch.pixel_shuffle, torch.nn.functional.pixel_shuffle):
+    register_rule(_t, _pixel_shuffle_rule(down=False))
