@@ -553,7 +553,8 @@ class ShuffleUnit(nn.Module):
         super().__init__()
         self.stride = stride
         branch = c // 2 if stride == 1 else c
-        self.branch = nn.Sequential(conv_bn(branch, c // 2, 1), conv_bn(c // 2, c // 2, 3, stride, groups=c // 2, act=False),
+        self.branch = nn.Sequential(conv_bn(branch, c // 2, 1),
+                                    conv_bn(c // 2, c // 2, 3, stride, groups=c // 2, act=False),
                                     conv_bn(c // 2, c // 2, 1))
         if stride > 1:
             self.proj = nn.Sequential(conv_bn(c, c, 3, stride, groups=c, act=False), conv_bn(c, c // 2, 1))
