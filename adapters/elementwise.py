@@ -61,38 +61,49 @@ def _contains_node(value: Any) -> bool:
     return bool(found)
 
 
-def _at_zero(view: NodeView, x: fx.Node) -> torch.Tensor | None:
-    """The op applied to zeros in place of ``x``, other arguments as traced; None if not computable."""
-    rest_args, kwargs = view.args[1:], dict(view.kwargs)
-    if view.node.target in _RANDOM:
-        kwargs["training"] = False
-    if _contains_node(rest_args) or _contains_node(kwargs):
-        return None
+def _at_zero(view: NodeView) -> torch.Tensor | None:
+    """The op evaluated with zeros for its feature-map operands (when all are exactly 0 at masked
+    sites) and its constant arguments as traced: its value at a masked site. None if unknown (an
+    operand that is not zero there, a signature this probe cannot imitate, a random op)."""
     zeros = torch.zeros(2, 2, 2, 2, dtype=torch.float64)
+    unknown = []
+
+    def substitute(n: fx.Node) -> Any:
+        info = view.info(n)
+        if isinstance(info, Info) and info.spatial is not None and info.zero:
+            return zeros
+        unknown.append(n)
+        return n
+
+    args = fx.map_arg(view.args, substitute)
+    kwargs = dict(fx.map_arg(view.kwargs, substitute))
+    if unknown or view.node.target in _RANDOM:
+        return None
     try:
-        out = _call(view.node.target, (zeros, *rest_args), kwargs)
-    except Exception:  # noqa: BLE001  (a signature this probe cannot imitate: decide conservatively)
+        out = _call(view.node.target, tuple(args), kwargs)
+    except Exception:  # noqa: BLE001  (decide conservatively: not known to be 0)
         return None
     return out if isinstance(out, torch.Tensor) else None
 
 
-def _unary_rule(view: NodeView) -> Decision:
-    x = view.arg(0, "input")
-    info = view.info(x)
-    if info is None or info.spatial is None:
+def _evaluated_rule(view: NodeView) -> Decision:
+    """Any elementwise op: zero at masked sites iff evaluating it on the zeros there gives 0."""
+    spatial = view.spatial_inputs()
+    if not spatial:
         return passthrough_nonspatial(view)
-    layout, aligned = common_layout(view, [x])
-    dim = view.kwargs.get("dim", view.args[1] if view.node.target in (F.glu, F.softmin, "softmin") and
-                          len(view.args) > 1 else None)
-    if view.node.target in (F.glu, F.softmin) and (dim is None or dim % len(view.shape(x)) in info.spatial):
-        raise Unsupported("acts across a spatial dim (only per-site use over channels is supported)")
-    at_zero = _at_zero(view, x)
-    if at_zero is not None and info.zero and not bool(torch.isfinite(at_zero.double()).all()):
-        raise Unsupported("is not finite at 0, and this input is 0 at masked sites (masking inf or NaN "
+    layout, aligned = common_layout(view, spatial)
+    target = view.node.target
+    if target in (F.glu, F.softmin, "softmin"):
+        x = view.arg(0, "input")
+        dim = view.arg(1, "dim")
+        if dim is None or dim % len(view.shape(x)) in view.info(x).spatial:
+            raise Unsupported("acts across a spatial dim (only per-site use over channels is supported)")
+    at_zero = _at_zero(view)
+    if at_zero is not None and not bool(torch.isfinite(at_zero.double()).all()):
+        raise Unsupported("is not finite at 0, and its input is 0 at masked sites (masking inf or NaN "
                           "gives NaN); add an epsilon before it")
     zero = at_zero is not None and bool((at_zero == 0).all())
-    nonneg = view.node.target in _NONNEG
-    return Decision(out=Info(spatial=layout, zero=info.zero and zero, nonneg=nonneg, aligned=aligned))
+    return Decision(out=Info(spatial=layout, zero=zero, nonneg=target in _NONNEG, aligned=aligned))
 
 
 def _is_zero_operand(view: NodeView, value: Any) -> bool:
@@ -153,10 +164,26 @@ def _compare_rule(kind: str) -> Callable[[NodeView], Decision]:
     return _operand_rule(zero_of, lambda v: True)
 
 
+def _torch_pointwise_names() -> list[str]:
+    """Public torch functions whose ATen op carries the ``pointwise`` tag: torch's own list."""
+    names = []
+    for name in dir(torch.ops.aten):
+        if name.startswith("_") or not (hasattr(torch, name) or hasattr(torch.Tensor, name)):
+            continue
+        try:
+            packet = getattr(torch.ops.aten, name)
+            overload = getattr(packet, packet.overloads()[0])
+        except (AttributeError, IndexError, RuntimeError):
+            continue
+        if torch.Tag.pointwise in overload.tags:
+            names.append(name)
+    return names
+
+
 def _register() -> None:
     for target in _UNARY + _UNARY_METHODS:
         if registered_rule(target) is None:
-            register_rule(target, _unary_rule)
+            register_rule(target, _evaluated_rule)
     # input + value * t1 * t2 (ConvNeXt-V2's GRN): zero when input and one factor are
     register_rule(torch.addcmul, _operand_rule(lambda v: _z(v, 0, "input") and (_z(v, 1, "tensor1") or
                                                                                 _z(v, 2, "tensor2"))))
@@ -193,12 +220,17 @@ def _register() -> None:
         register_rule(target, _operand_rule(lambda v: _z(v, 0, "input") and _z(v, 1, "other"), lambda v: True))
     for target in (torch.logical_not, "logical_not", torch.isnan, torch.isinf, torch.isfinite, "isnan",
                    "isinf", "isfinite"):
-        register_rule(target, _unary_rule)
+        register_rule(target, _evaluated_rule)
     for kind in _COMPARE_AT_ZERO:
         for target in (getattr(torch, kind), kind, getattr(operator, kind)):
             register_rule(target, _compare_rule(kind))
     for target in (torch.masked_fill, "masked_fill", "masked_fill_"):
         register_rule(target, _operand_rule(lambda v: _z(v, 0, "input") and _is_zero_operand(v, v.arg(2, "value"))))
+    # everything else torch tags pointwise (in-place variants, bitwise ops, igamma, polygamma, ...)
+    for name in _torch_pointwise_names():
+        for target in (getattr(torch, name, None), name if hasattr(torch.Tensor, name) else None):
+            if target is not None and registered_rule(target) is None:
+                register_rule(target, _evaluated_rule)
 
 
 _register()

@@ -40,6 +40,17 @@ def _structural_keys(graph: fx.Graph) -> dict[fx.Node, Any]:
 def only_training_branches(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> bool:
     """True when every computation of the eval graph appears unchanged in the train graph, so the
     train graph only adds branches (auxiliary heads) that the eval computation does not read."""
-    train_keys = set(_structural_keys(train_gm.graph).values())
-    eval_keys = _structural_keys(eval_gm.graph)
-    return all(key in train_keys for node, key in eval_keys.items() if node.op != "output")
+    train_by_node = _structural_keys(train_gm.graph)
+    eval_by_node = _structural_keys(eval_gm.graph)
+    train_keys = set(train_by_node.values())
+    if not all(key in train_keys for node, key in eval_by_node.items() if node.op != "output"):
+        return False
+    # and train mode still returns what eval mode returns (it may return more: the aux outputs)
+    return _returned(eval_gm.graph, eval_by_node) <= _returned(train_gm.graph, train_by_node)
+
+
+def _returned(graph: fx.Graph, keys: dict[fx.Node, Any]) -> set[Any]:
+    output = next(n for n in graph.nodes if n.op == "output")
+    found: set[Any] = set()
+    fx.map_arg(output.args, lambda n: found.add(keys[n]))
+    return found
