@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -18,28 +20,48 @@ from sparsify.adapters.group_norm import masked_group_norm, masked_group_norm_fn
 from .analyse import analyse, eval_mode, record_shapes
 from .errors import SparsifyError
 from .masking import check_mask
+from .modes import live_mode_flags
 from .rewrite import build_dense_graph, build_sparse_graph
-from .stages import Stage, discover_stages, node_stride
-from .trace import module_path, trace
-from .train_branches import only_training_branches
+from .stages import GraphNode, Stage, describe_nodes, discover_stages, node_stride
+from .trace import module_outputs, module_path, trace
+from .train_branches import cut_training_branches
 
 __all__ = ["wrap", "SparseEncoder", "graph_node_names"]
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    if len(size) != 2:
-        raise SparsifyError(f"input_size must be an int or (H, W), got {size!r}")
-    return (int(size[0]), int(size[1]))
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise SparsifyError(f"input_size must be an int or (H, W) of ints, got {size!r}")
+    if min(pair) <= 0:
+        raise SparsifyError(f"input_size must be positive, got {size!r}; pass e.g. input_size=(224, 224)")
+    return (int(pair[0]), int(pair[1]))
 
 
-def _infer_in_chans(model: nn.Module) -> int:
+def _first_conv_channels(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     raise SparsifyError("could not infer the number of input channels (no nn.Conv2d found); "
                         "pass in_chans=... to sparsify.wrap")
+
+
+def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, int]) -> tuple[int, dict]:
+    """The input channels and the example shapes at ``size``.
+
+    The first convolution's input channels, unless a space-to-depth stem (pixel_unshuffle, a
+    reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k * k: then
+    the count the graph actually runs with, the first of c / k^2 for k = 2, 3, ... """
+    first = _first_conv_channels(model)
+    candidates = [first] + [first // (k * k) for k in range(2, 17) if first % (k * k) == 0]
+    error: SparsifyError | None = None
+    for chans in candidates:
+        try:
+            return chans, record_shapes(gm, _example(model, chans, size))
+        except SparsifyError as e:
+            error = error or e
+    raise SparsifyError(f"could not infer the number of input channels of {type(model).__name__} (tried "
+                        f"{candidates}); pass in_chans=... to sparsify.wrap.\nDetails: {error}")
 
 
 @contextlib.contextmanager
@@ -57,15 +79,21 @@ def _signature(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
     return [(n.op, str(n.target), n.name) for n in gm.graph.nodes]
 
 
-def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs) -> fx.GraphModule:
-    """Trace in train and eval mode; a graph that depends on the mode would silently freeze it."""
+def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs, concrete_args=None
+                   ) -> fx.GraphModule:
+    """Trace in train and eval mode; a graph that depends on the mode would silently freeze it.
+
+    Arguments that are ``self.training`` become live reads of the owning module's flag
+    (:mod:`sparsify.modes`); anything else that differs between the modes is refused.
+    """
     with _train_mode(model):
-        train_gm = trace(model, leaf_modules, autowrap_functions, tracer_kwargs)
+        train_gm = trace(model, leaf_modules, autowrap_functions, tracer_kwargs, concrete_args)
     with eval_mode(model):
-        eval_gm = trace(model, leaf_modules, autowrap_functions, tracer_kwargs)
+        eval_gm = trace(model, leaf_modules, autowrap_functions, tracer_kwargs, concrete_args)
     a, b = _signature(train_gm), _signature(eval_gm)
-    if a != b and only_training_branches(train_gm, eval_gm):
-        return eval_gm  # train mode only adds branches (aux heads) the eval computation never reads
+    cut = cut_training_branches(train_gm, eval_gm) if a != b else None
+    if cut is not None:  # train mode only adds branches (aux heads) that the eval computation never reads
+        train_gm, a = cut, _signature(cut)
     if a != b and _attention_report(eval_gm):
         raise SparsifyError(f"cannot wrap {type(model).__name__}." + _attention_report(eval_gm))
     if a != b:
@@ -78,6 +106,7 @@ def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs) -> fx
             "encoder would be frozen in one mode. Pass leaf_modules=[<that module's class>] to keep it whole "
             "and register an adapter for it (sparsify.register_adapter)."
         )
+    live_mode_flags(train_gm, eval_gm, type(model).__name__, model)
     return eval_gm
 
 
@@ -137,7 +166,8 @@ class SparseEncoder(nn.Module):
     shares the wrapped model's Module, Parameter and buffer objects under the same state_dict names.
 
     Attributes:
-        stages: list of :class:`sparsify.stages.Stage` records (name, stride, channels).
+        stages: list of :class:`sparsify.Stage` records (node name, stride, channels, and the module
+            path whose output the stage is, if any).
         feature_channels / feature_strides: per stage, finest to coarsest.
         downsample_ratio: the final stride R, which is also the mask patch size.
         in_chans: input channels. input_size: the size used for tracing.
@@ -149,6 +179,8 @@ class SparseEncoder(nn.Module):
         super().__init__()
         _adopt(self, sparse_gm)
         self._forward_impl: Callable[..., list[torch.Tensor]] = type(sparse_gm).forward
+        self._stage_modules: list[str | None] = [None] * len(stages)  # module returning each stage
+        self._forward_kwargs: dict[str, Any] = {}  # the fixed extra forward arguments
         self._sparse_graph = sparse_gm.graph
         self._sparse_code = sparse_gm.code
         self._dense_graph = dense_graph
@@ -161,6 +193,30 @@ class SparseEncoder(nn.Module):
     @property
     def stages(self) -> list[Stage]:
         return self._stage_records
+
+    @property
+    def source_model(self) -> nn.Module | None:
+        """The model this encoder was made from (ground truth for :func:`sparsify.verify`), if known."""
+        return self.__dict__.get("_source_model")
+
+    def train(self, mode: bool = True) -> SparseEncoder:
+        super().train(mode)
+        # The generated forward runs on ``_root``: a root model's own ``self.training`` reads it.
+        self._root.training = mode
+        return self
+
+    def __getstate__(self) -> dict:
+        # The generated forward is a function of a class fx made on the fly: pickle can't name it.
+        # Pickle the graph instead and generate the forward again on load.
+        state = self.__dict__.copy()
+        state.pop("_forward_impl", None)
+        for key in ("_sparse_graph", "_dense_graph"):
+            state[key] = _detached(state[key])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._forward_impl = type(fx.GraphModule(self._root, self._sparse_graph, "SparseEncoder")).forward
 
     @property
     def feature_channels(self) -> list[int]:
@@ -202,7 +258,7 @@ class SparseEncoder(nn.Module):
                                 f"built for {x.shape[1]} channels (e.g. timm's in_chans=...)")
         grid = self.mask_grid(x.shape[2], x.shape[3])
         if mask is not None:
-            check_mask(mask, x.shape[0], grid)
+            check_mask(mask, x.shape[0], grid, x.device)
         return self._forward_impl(self._root, x, mask)
 
     def dense_encoder(self) -> nn.Module:
@@ -210,7 +266,7 @@ class SparseEncoder(nn.Module):
         return _DenseEncoder(fx.GraphModule(self._root, self._dense_graph, "DenseEncoder"))
 
     def extra_repr(self) -> str:
-        pyramid = ", ".join(f"{s.name}@{s.stride}:{s.channels}" for s in self.stages)
+        pyramid = ", ".join(f"{s.module or s.name}@{s.stride}:{s.channels}" for s in self.stages)
         return f"model={self.model_name}, R={self.downsample_ratio}, stages=[{pyramid}]"
 
 
@@ -219,9 +275,30 @@ class _DenseEncoder(nn.Module):
         super().__init__()
         _adopt(self, gm)
         self._forward_impl = type(gm).forward
+        self._graph = gm.graph
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self._forward_impl(self._root, x)
+
+    def train(self, mode: bool = True) -> _DenseEncoder:
+        super().train(mode)
+        self._root.training = mode
+        return self
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_forward_impl", None)
+        state["_graph"] = _detached(state["_graph"])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._forward_impl = type(fx.GraphModule(self._root, self._graph, "DenseEncoder")).forward
+
+
+def _detached(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` without its owning GraphModule (pickling that would re-trace it)."""
+    return copy.deepcopy(graph) if graph.owning_module is not None else graph
 
 
 def _adopt(owner: nn.Module, gm: fx.GraphModule) -> None:
@@ -240,6 +317,7 @@ def _adopt(owner: nn.Module, gm: fx.GraphModule) -> None:
     root._modules = owner._modules
     root._parameters = owner._parameters
     root._buffers = owner._buffers
+    root.training = owner.training
     object.__setattr__(owner, "_root", root)
 
 
@@ -253,8 +331,8 @@ def _example(model: nn.Module, in_chans: int, size: tuple[int, int]) -> torch.Te
 
 def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages: str | Sequence[str] = "auto",
          *, in_chans: int | None = None, leaf_modules: Iterable[type] = (),
-         autowrap_functions: Iterable[Callable] = (), tracer_kwargs: dict[str, Any] | None = None
-         ) -> SparseEncoder:
+         autowrap_functions: Iterable[Callable] = (), tracer_kwargs: dict[str, Any] | None = None,
+         concrete_args: dict[str, Any] | None = None) -> SparseEncoder:
     """Turn an unmodified CNN into a mask-aware sparse encoder.
 
     Args:
@@ -262,24 +340,36 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
             the encoder shares its modules and parameters.
         input_size: example (H, W) used for tracing and stage discovery only; at run time any H, W
             that are multiples of the downsample ratio work.
-        stages: "auto" or the graph node names to return, finest to coarsest
-            (see :func:`graph_node_names`). Everything after the last stage is cut away.
-        in_chans: input channels (default: the first Conv2d's in_channels).
+        stages: "auto" (the end of each stage, one per stride from 4 up; for a model returning a
+            list/tuple/dict of maps, those maps) or the stages to return, finest to coarsest, each a
+            graph node name or a module name (that module's output; see :func:`graph_node_names`).
+            Everything after the last stage is cut away.
+        in_chans: input channels (default: the first Conv2d's in_channels, divided by k * k when a
+            space-to-depth stem comes before it).
         leaf_modules: module classes to keep whole when tracing (each needs an adapter if it
             touches space; see :func:`sparsify.register_adapter`).
         autowrap_functions: functions to keep as single calls when tracing.
         tracer_kwargs: extra ``torch.fx.Tracer`` arguments.
+        concrete_args: values for ``forward`` arguments after the image, e.g.
+            ``{"return_features": False}``; arguments with defaults are traced at their defaults.
+            Either way they are fixed in the encoder.
 
     Raises:
         SparsifyError: untraceable model, unsupported operations (all listed), bad sizes or stages.
     """
     if not isinstance(model, nn.Module):
         raise SparsifyError(f"sparsify.wrap expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (SparseEncoder, _DenseEncoder)) or isinstance(getattr(model, "encoder", None),
+                                                                        SparseEncoder):
+        raise SparsifyError(f"{type(model).__name__} is already made by sparsify.wrap; wrap the original model "
+                            "(the encoder shares its weights), or use the encoder as it is")
     size_a = _pair(input_size)
     size_b = (size_a[0] * 2, size_a[1] * 2)
-    in_chans = in_chans or _infer_in_chans(model)
-    gm = _trace_checked(model, tuple(leaf_modules), tuple(autowrap_functions), tracer_kwargs)
-    shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
+    gm = _trace_checked(model, tuple(leaf_modules), tuple(autowrap_functions), tracer_kwargs, concrete_args)
+    if in_chans:
+        shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
+    else:
+        in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
     try:
         shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
     except SparsifyError as error:
@@ -289,10 +379,15 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
             + f"\nDetails: {error}") from error
     names = None if stages == "auto" else list(stages)
     if isinstance(stages, str) and stages != "auto":
-        raise SparsifyError(f"stages must be 'auto' or a list of node names, got {stages!r}")
-    chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
+        raise SparsifyError(f"stages must be 'auto' or a list of node or module names, got {stages!r}")
+    try:
+        chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
+    except SparsifyError as error:
+        _check_total_stride(model, gm, in_chans, size_a, error)
+        raise
     ratio = chosen[-1][1].stride
     if size_a[0] % ratio or size_a[1] % ratio:
+        _check_total_stride(model, gm, in_chans, size_a, None)
         raise SparsifyError(f"input_size {size_a} is not a multiple of the network's downsample ratio "
                             f"{ratio}; pass input_size as a multiple of {ratio}")
 
@@ -303,24 +398,185 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     by_name = {n.name: n for n in gm.graph.nodes}
     cut_shapes_a = {n: shapes_a.get(by_name.get(n.name)) for n in cut.graph.nodes}
     cut_shapes_b = {n: shapes_b.get(by_name.get(n.name)) for n in cut.graph.nodes}
-    analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, ratio, cut_outputs)
+    try:
+        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, ratio, cut_outputs)
+    except SparsifyError as error:
+        stem = _unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
+        if stem:
+            raise SparsifyError(f"{type(model).__name__}: {stem}\n{error}") from error
+        raise
     sparse_graph = build_sparse_graph(cut, analysis, cut_outputs, cut_shapes_a, cut_shapes_b)
     sparse_gm = fx.GraphModule(cut, sparse_graph, "Sparse" + type(model).__name__)
+    _share_modules(sparse_gm, model)
     dense_graph = build_dense_graph(cut, cut_outputs)
-    return SparseEncoder(sparse_gm, dense_graph, [s for _, s in chosen], in_chans, size_a,
-                         _norm_type(sparse_gm), type(model).__name__)
+    enc = SparseEncoder(sparse_gm, dense_graph, [s for _, s in chosen], in_chans, size_a,
+                        _norm_type(sparse_gm), type(model).__name__)
+    enc._stage_modules = _stage_modules(gm, [n for n, _ in chosen])
+    enc._forward_kwargs = dict(gm.meta.get("concrete_args", {}))
+    object.__setattr__(enc, "_source_model", model)
+    return enc
+
+
+#: Probe size for the true total stride: divisible by every stride up to 64 made of 2s, 3s, 5s and 7s
+#: that CNNs use (shapes only, under fake tensors, so the size costs nothing).
+_PROBE = 2**6 * 3**2 * 5 * 7
+
+
+def _fake_shapes(gm: fx.GraphModule, model: nn.Module, in_chans: int, size: tuple[int, int]) -> dict | None:
+    """Shapes at ``size`` under fake tensors only (never a real run: the probe size is huge)."""
+    import logging
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .analyse import _ShapeRecorder
+
+    recorder = _ShapeRecorder(gm)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad(), eval_mode(gm), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            ref = next(model.parameters(), None)
+            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+            example = torch.empty(1, in_chans, *size, dtype=dtype, device=ref.device if ref is not None else "cpu")
+            recorder.run(mode.from_tensor(example))
+        return recorder.shapes
+    except Exception:
+        return None
+    finally:
+        fake_log.setLevel(level)
+
+
+def _check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size: tuple[int, int],
+                        error: SparsifyError | None) -> None:
+    """Raise a SparsifyError stating the network's true total stride when ``size`` does not fit it, or
+    naming the first layer whose grid never lines up with the input's (an unpadded convolution).
+
+    Shapes at ``size`` itself cannot tell the stride when it does not divide (sizes get rounded), so
+    the network is measured at a probe size divisible by every usual stride. Returns quietly when
+    the probe finds nothing to add (the caller then raises its own error).
+    """
+    probe_a, probe_b = (_PROBE, _PROBE), (2 * _PROBE, 2 * _PROBE)
+    shapes_a = _fake_shapes(gm, model, in_chans, probe_a)
+    shapes_b = _fake_shapes(gm, model, in_chans, probe_b) if shapes_a is not None else None
+    if shapes_a is None or shapes_b is None:
+        return
+    nodes = list(gm.graph.nodes)
+    output = nodes[-1]
+    needed: set[fx.Node] = set()
+    todo = [output]
+    while todo:
+        n = todo.pop()
+        for arg in n.all_input_nodes:
+            if arg not in needed:
+                needed.add(arg)
+                todo.append(arg)
+    strides = {n: node_stride(shapes_a.get(n), shapes_b.get(n), probe_a, probe_b) for n in nodes if n in needed}
+    found = [s for n, s in strides.items() if s is not None and n.op != "placeholder"]
+    name = type(model).__name__
+    if found:
+        ratio = max(found)
+        if size[0] % ratio or size[1] % ratio:
+            lo = tuple(max(ratio, v // ratio * ratio) for v in size)
+            hi = tuple(math.ceil(v / ratio) * ratio for v in size)
+            raise SparsifyError(
+                f"input_size {size[0]}x{size[1]} is not a multiple of {name}'s downsample ratio {ratio} (its "
+                f"total stride, which is also the mask patch size); use e.g. {lo[0]}x{lo[1]} or {hi[0]}x{hi[1]}")
+        return
+    for n in nodes:
+        shape = shapes_a.get(n)
+        if n.op == "placeholder" or not isinstance(shape, torch.Size) or len(shape) != 4:
+            continue
+        if node_stride(shape, shapes_b.get(n), probe_a, probe_b) is None:
+            where = module_path(n) or "<top level>"
+            raise SparsifyError(
+                f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "
+                f"turns a {probe_a[0]}x{probe_a[1]} input into {shape[2]}x{shape[3]}, which is not the input "
+                "divided by a whole stride (e.g. a convolution without padding), and no later feature map is. "
+                "Masked patches cannot be mapped onto such maps; pad the first layers (padding=kernel_size//2)."
+                + (f"\nDetails: {error}" if error is not None else ""))
+        break
+
+
+def _unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
+                    size_b: tuple[int, int], outputs: list[fx.Node]) -> str:
+    """Name the first feature map, on every path to the stages, whose size is not the input's divided
+    by a whole stride (an unpadded first convolution): everything after it is off the patch grid."""
+    nodes = list(gm.graph.nodes)
+    input_node = nodes[0]
+    for node in nodes[1:]:
+        shape = shapes_a.get(node)
+        if not isinstance(shape, torch.Size) or len(shape) != 4:
+            continue
+        if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None:
+            continue
+        seen, todo = {node, input_node}, [input_node]
+        while todo:  # can the stages be reached from the input without passing through this node?
+            for user in todo.pop().users:
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        if any(out in seen for out in outputs):
+            return ""
+        return (f"its first layers never line up with the patch grid: node '{node.name}' in module "
+                f"'{module_path(node) or '<top level>'}' turns a {size_a[0]}x{size_a[1]} input into "
+                f"{shape[2]}x{shape[3]}, not the input divided by a whole stride (e.g. a convolution without "
+                "padding), and every feature map after it is shifted against the patches. Pad the first layers "
+                "(padding=kernel_size//2) so masked patches map onto the feature maps.")
+    return ""
+
+
+def _stage_modules(gm: fx.GraphModule, stage_nodes: list[fx.Node]) -> list[str | None]:
+    """Per stage, the outermost module called once whose forward returned that node (hookable ground
+    truth for "mask=None equals the model"), or None."""
+    calls = gm.meta.get("module_calls", {})
+    out: list[str | None] = []
+    for node in stage_nodes:
+        paths = [p for p, _ in module_outputs(node) if calls.get(p) == 1]
+        out.append(paths[-1] if paths else None)
+    return out
+
+
+def _share_modules(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Put the model's own Module objects where fx made partial copies (containers for traced-through
+    modules), when the graph uses every parameter and buffer of that module: then ``enc.to()`` and
+    ``model.to()`` act on the same buffer registries."""
+
+    def tensors(m: nn.Module) -> set[int]:
+        return {id(t) for t in m.parameters()} | {id(t) for t in m.buffers()}
+
+    def visit(owner: nn.Module, prefix: str) -> None:
+        for name, child in list(owner._modules.items()):
+            path = f"{prefix}{name}"
+            try:
+                real = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if child is real:
+                continue
+            if tensors(real) <= tensors(child):
+                owner._modules[name] = real
+            else:
+                visit(child, path + ".")
+
+    visit(gm, "")
 
 
 def graph_node_names(model: nn.Module, input_size: int | Sequence[int] = (224, 224), *,
-                     in_chans: int | None = None, leaf_modules: Iterable[type] = ()
-                     ) -> list[tuple[str, int | None, tuple[int, ...] | None]]:
-    """(node name, stride or None, example shape) for every node: candidates for ``stages=[...]``."""
+                     in_chans: int | None = None, leaf_modules: Iterable[type] = ()) -> list[GraphNode]:
+    """Every node of the traced model: candidates for ``stages=[...]``.
+
+    Each row is a :class:`sparsify.stages.GraphNode` ``(name, stride, shape, module, stage)``: the node
+    name, its stride (None unless an (N, C, H, W) map scaling with the input), its shape at
+    ``input_size``, the module it belongs to, and ``stage``: its index in the pyramid that
+    ``stages="auto"`` chooses (None for every other node).
+    """
     size_a = _pair(input_size)
     size_b = (size_a[0] * 2, size_a[1] * 2)
-    in_chans = in_chans or _infer_in_chans(model)
     gm = trace(model, tuple(leaf_modules))
-    shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
+    if in_chans:
+        shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
+    else:
+        in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
     shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
-    return [(n.name, node_stride(shapes_a.get(n), shapes_b.get(n), size_a, size_b),
-             tuple(shapes_a[n]) if isinstance(shapes_a.get(n), torch.Size) else None)
-            for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    return describe_nodes(gm, shapes_a, shapes_b, size_a, size_b)

@@ -1,11 +1,17 @@
-"""Training-only branches (auxiliary heads): allowed when they feed nothing the network computes in
-eval mode.
+"""Training-only branches (auxiliary heads): cut away before the train and eval graphs are compared.
 
 A model that computes an auxiliary head only under ``if self.training:`` traces to different graphs
 in train and eval mode. That is harmless when the train graph is the eval graph plus branches that
-nothing of the eval computation reads: the encoder is built from the eval graph, and its stages never
-see the extra branch. Nodes are compared by structure (op, target, constant arguments and, recursively,
-their inputs), not by name, since extra nodes shift fx's numbering of later ones.
+nothing of the eval computation reads, and train mode still returns what eval mode returns: the
+encoder is built from the eval graph, and its stages never see the extra branch.
+:func:`cut_training_branches` returns the train graph cut down to the eval graph's computation, with
+the eval graph's node names, so the usual node-by-node comparison (which also makes ``self.training``
+arguments live, :mod:`sparsify.modes`) runs on it.
+
+Nodes are matched by structure (op, target, constant arguments and, recursively, their inputs), not
+by name, since extra nodes shift fx's numbering of later ones. Bool constants are left out of the
+match: a ``training=self.training`` argument differs between the modes by design and is checked by
+the comparison that follows.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["only_training_branches"]
+__all__ = ["cut_training_branches"]
 
 
 def _structural_keys(graph: fx.Graph) -> dict[fx.Node, Any]:
@@ -23,6 +29,8 @@ def _structural_keys(graph: fx.Graph) -> dict[fx.Node, Any]:
     def encode(value: Any) -> Any:
         if isinstance(value, fx.Node):
             return ("node", keys[value])
+        if isinstance(value, bool):
+            return ("bool",)
         if isinstance(value, (list, tuple)):
             return (type(value).__name__, tuple(encode(v) for v in value))
         if isinstance(value, dict):
@@ -37,20 +45,36 @@ def _structural_keys(graph: fx.Graph) -> dict[fx.Node, Any]:
     return keys
 
 
-def only_training_branches(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> bool:
-    """True when every computation of the eval graph appears unchanged in the train graph, so the
-    train graph only adds branches (auxiliary heads) that the eval computation does not read."""
-    train_by_node = _structural_keys(train_gm.graph)
-    eval_by_node = _structural_keys(eval_gm.graph)
-    train_keys = set(train_by_node.values())
-    if not all(key in train_keys for node, key in eval_by_node.items() if node.op != "output"):
-        return False
-    # and train mode still returns what eval mode returns (it may return more: the aux outputs)
-    return _returned(eval_gm.graph, eval_by_node) <= _returned(train_gm.graph, train_by_node)
-
-
 def _returned(graph: fx.Graph, keys: dict[fx.Node, Any]) -> set[Any]:
     output = next(n for n in graph.nodes if n.op == "output")
     found: set[Any] = set()
     fx.map_arg(output.args, lambda n: found.add(keys[n]))
     return found
+
+
+def cut_training_branches(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> fx.GraphModule | None:
+    """The train graph without its training-only branches, named like the eval graph; None when the
+    train graph is not the eval graph plus such branches (then the graphs really differ)."""
+    train_keys = _structural_keys(train_gm.graph)
+    eval_keys = _structural_keys(eval_gm.graph)
+    by_key: dict[Any, fx.Node] = {}
+    for node, key in train_keys.items():
+        if node.op != "output":
+            by_key.setdefault(key, node)
+    if any(key not in by_key for node, key in eval_keys.items() if node.op != "output"):
+        return None
+    if not _returned(eval_gm.graph, eval_keys) <= _returned(train_gm.graph, train_keys):
+        return None  # train mode returns something else in place of an eval output
+    graph = fx.Graph()
+    copies: dict[Any, fx.Node] = {}
+    for node in eval_gm.graph.nodes:
+        key = eval_keys[node]
+        if node.op == "output":
+            graph.output(fx.map_arg(node.args[0], lambda n: copies[eval_keys[n]]))
+            continue
+        twin = by_key[key]
+        copy = graph.node_copy(twin, lambda n: copies[train_keys[n]])
+        copy.name = node.name
+        copies[key] = copy
+    graph.lint()
+    return fx.GraphModule(train_gm, graph, type(train_gm).__name__)

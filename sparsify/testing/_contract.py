@@ -35,6 +35,7 @@ import torch.nn as nn
 from ._batch import check_masked_samples_invisible
 from ._canvas import check_canvas_invariant
 from ._dense import check_dense_equal
+from ._dense import source_model as _source
 from ._results import ATOL, DENSE_ATOL, DENSE_RTOL, RTOL, CheckResult, _raise_if_failed
 from ._sharing import _model_fingerprint, check_model_untouched, check_shares_parameters
 from ._state import _forward, preserved_state
@@ -75,10 +76,13 @@ def run_contract_checks(
     canvas_pads: Sequence[Sequence[int]] = ((1, 2), (2, 1, 0, 0)),
     wrap_kwargs: dict | None = None,
     fp64_witness: bool = True,
+    source_model: nn.Module | None = None,
 ) -> tuple[list[CheckResult], str]:
     """Run every contract check; returns the results and a one-line description of the case.
 
-    Same arguments as :func:`assert_sparse_semantics`, which raises instead.
+    Same arguments as :func:`assert_sparse_semantics`, which raises instead. ``source_model``: for
+    an encoder, the model it was made from (default: the one ``sparsify.wrap`` recorded), whose own
+    module outputs are the dense-equality reference.
     """
     import sparsify
 
@@ -112,7 +116,8 @@ def run_contract_checks(
         with preserved_state(model):
             out_before = _forward(model, x, train=False)
     dense = enc.dense_encoder()
-    witness = _Witness(enc, dense, enabled=fp64_witness)
+    truth = model if model is not None else source_model if source_model is not None else _source(enc)
+    witness = _Witness(enc, dense, enabled=fp64_witness, model=truth)
     results += check_zero_at_masked(enc, x, mask, train=train, eval=eval)
     results += check_dense_equal(
         enc,
@@ -123,6 +128,7 @@ def run_contract_checks(
         eval=eval,
         dense=dense,
         fp64_witness=witness,
+        model=truth,
     )
     for pad in canvas_pads:
         results += check_canvas_invariant(

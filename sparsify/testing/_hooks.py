@@ -19,6 +19,10 @@ from ._state import preserved_state
 __all__ = ["capture_module_outputs"]
 
 
+class _Done(Exception):
+    """Raised by the last hook needed when stopping early."""
+
+
 def _detach(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -39,6 +43,8 @@ def capture_module_outputs(
     train: bool | None = None,
     seed: int | None = 0,
     preserve: bool = True,
+    stop_early: bool = False,
+    kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the unmodified ``model(x)`` once and return what each named submodule returned.
 
@@ -52,6 +58,9 @@ def capture_module_outputs(
             draw the same numbers as another run seeded alike; None leaves the RNG alone.
         preserve: restore buffers (BatchNorm running statistics), train/eval flags and the global
             RNG state afterwards, so the model is left exactly as it was.
+        stop_early: stop the forward as soon as every named module has returned (the rest, e.g. a
+            classifier head, does not run); each module then keeps its *first* call.
+        kwargs: extra keyword arguments for ``model(x, **kwargs)``.
 
     Returns:
         ``{name: output}`` in the order given, detached; the output as the module returned it (a
@@ -69,9 +78,15 @@ def capture_module_outputs(
     captured: dict[str, Any] = {}
     handles = []
 
+    wanted = set(module_names)
+
     def make_hook(name: str):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if stop_early and name in captured:
+                return
             captured[name] = _detach(output)
+            if stop_early and wanted <= captured.keys():
+                raise _Done
 
         return hook
 
@@ -84,7 +99,10 @@ def capture_module_outputs(
                 model.train(train)
             if seed is not None:
                 torch.manual_seed(seed)
-            model(x)
+            try:
+                model(x, **(kwargs or {}))
+            except _Done:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from ._draws import fixed_draws
+
 
 def _unique_modules(modules: Sequence[nn.Module | None]) -> list[nn.Module]:
     seen: dict[int, nn.Module] = {}
@@ -61,12 +63,14 @@ def _as_list(out) -> list[torch.Tensor]:
     return list(out)
 
 
-def _forward(module: nn.Module, *args, train: bool, seed: int = 0) -> list[torch.Tensor]:
+def _forward(module: nn.Module, *args, train: bool, seed: int = 0, fixed: bool = False) -> list[torch.Tensor]:
     """Run ``module(*args)`` in the given mode under no_grad with a fixed RNG seed (so dropout / drop
-    path draw the same numbers in both runs being compared). Buffers are NOT restored here."""
+    path draw the same numbers in both runs being compared). ``fixed``: hold every random draw at its
+    most likely value (:func:`fixed_draws`), for comparisons between inputs of different shapes.
+    Buffers are NOT restored here."""
     module.train(train)
     torch.manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), fixed_draws() if fixed else contextlib.nullcontext():
         return [t.detach() for t in _as_list(module(*args))]
 
 

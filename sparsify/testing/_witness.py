@@ -20,9 +20,12 @@ class _Witness:
     from a real leak. The twins are deep copies: the model under test is never converted.
     """
 
-    def __init__(self, enc: nn.Module, dense: nn.Module | None = None, enabled: bool = True) -> None:
-        self.enc, self.dense, self.enabled = enc, dense, enabled
+    def __init__(
+        self, enc: nn.Module, dense: nn.Module | None = None, enabled: bool = True, model: nn.Module | None = None
+    ) -> None:
+        self.enc, self.dense, self.enabled, self.model = enc, dense, enabled, model
         self._twins: tuple[nn.Module, nn.Module | None] | None = None
+        self.model64: nn.Module | None = None
         self.error: str | None = None
 
     def applies(self, x: torch.Tensor) -> bool:
@@ -30,27 +33,33 @@ class _Witness:
 
     def twins(self) -> tuple[nn.Module, nn.Module | None]:
         if self._twins is None:
-            with preserved_state(self.enc, self.dense):  # copy the state as the user left it
-                enc64 = copy.deepcopy(self.enc).double()
-                dense64 = copy.deepcopy(self.dense).double() if self.dense is not None else None
+            with preserved_state(self.enc, self.dense, self.model):  # copy the state as the user left it
+                # One deep copy keeps the modules the three share shared in the twins.
+                enc64, dense64, model64 = copy.deepcopy((self.enc, self.dense, self.model))
+                for twin in (model64, enc64, dense64):
+                    if twin is not None:
+                        twin.double()
             self._twins = (enc64, dense64)
+            self.model64 = model64
         return self._twins
 
     def rerun(self, fn: Callable[[nn.Module, nn.Module | None], tuple]) -> tuple | None:
         """``fn(enc64, dense64)`` under preserved state, or None (noting why) if fp64 cannot run."""
         try:
             enc64, dense64 = self.twins()
-            with preserved_state(enc64, dense64):
+            with preserved_state(enc64, dense64, self.model64):
                 return fn(enc64, dense64)
         except Exception as e:  # e.g. an op without a float64 kernel: keep the fp32 verdict
             self.error = f"{type(e).__name__}: {e}"
             return None
 
 
-def _resolve_witness(fp64_witness: bool | _Witness, enc: nn.Module, dense: nn.Module | None) -> _Witness | None:
+def _resolve_witness(
+    fp64_witness: bool | _Witness, enc: nn.Module, dense: nn.Module | None, model: nn.Module | None = None
+) -> _Witness | None:
     if isinstance(fp64_witness, _Witness):
         return fp64_witness
-    return _Witness(enc, dense) if fp64_witness else None
+    return _Witness(enc, dense, model=model) if fp64_witness else None
 
 
 def _with_witness(
