@@ -70,12 +70,11 @@ class PreActResNet(nn.Module):
         self.layer1 = PreActBlock(8, 8, 2)
         self.layer2 = PreActBlock(8, 16, 2)
         self.layer3 = PreActBlock(16, 32, 2)
-        self.bn = nn.BatchNorm2d(32)
+        self.final_act = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU())  # pre-activation nets end on a norm-act
         self.linear = nn.Linear(32, 5)
 
     def forward(self, x):
-        out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        out = F.relu(self.bn(out))
+        out = self.final_act(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
         return self.linear(out.mean([2, 3]))
 
 
@@ -347,35 +346,47 @@ class PooledBNNet(nn.Module):
 
 
 # --- 13. frozen BatchNorm computed from buffers in forward (detectron2 style) ----------------------------
+class FrozenConvBN(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, 2, 1, bias=False)
+        self.bn = FrozenBatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu_(self.bn(self.conv(x)))
+
+
 class FrozenBNNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
-        self.bn1 = FrozenBatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, 2, 1, bias=False)
-        self.bn2 = FrozenBatchNorm2d(16)
-        self.conv3 = nn.Conv2d(16, 16, 3, 2, 1, bias=False)
-        self.bn3 = FrozenBatchNorm2d(16)
+        self.layer1 = FrozenConvBN(3, 8)
+        self.layer2 = FrozenConvBN(8, 16)
+        self.layer3 = FrozenConvBN(16, 16)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return F.relu(self.bn3(self.conv3(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
 
 
 # --- 14. dropout flag passed as an argument -------------------------------------------------------------
+class ConvDrop(nn.Module):
+    def __init__(self, cin, cout, p):
+        super().__init__()
+        self.body = conv_bn(cin, cout, 3, 2)
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(self.body(x), self.p, training=self.training)
+
+
 class DropFlagNet(nn.Module):
     def __init__(self, p: float = 0.2):
         super().__init__()
-        self.p = p
         self.layer1 = conv_bn(3, 8, 3, 2)
-        self.layer2 = conv_bn(8, 16, 3, 2)
+        self.layer2 = ConvDrop(8, 16, p)
         self.layer3 = conv_bn(16, 16, 3, 2)
 
     def forward(self, x):
-        x = self.layer1(x)
-        x = F.dropout(self.layer2(x), self.p, training=self.training)
-        return self.layer3(x)
+        return self.layer3(self.layer2(self.layer1(x)))
 
 
 # --- 15. extra forward arguments with defaults -----------------------------------------------------------
@@ -711,19 +722,27 @@ class FrozenStemNet(nn.Module):
 
 
 # --- 28. per-channel buffers and layer scale -------------------------------------------------------------
+class ScaledConv(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.body = conv_bn(cin, cout, 3, 2)
+        self.register_buffer("channel_scale", torch.rand(1, cout, 1, 1) + 0.5)
+        self.gamma = nn.Parameter(torch.full((cout,), 0.5))
+
+    def forward(self, x):
+        y = self.body(x)
+        return y * (self.channel_scale * 2.0) + self.gamma.view(1, -1, 1, 1) * y
+
+
 class ScaledNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.layer1 = conv_bn(3, 8, 3, 2)
-        self.layer2 = conv_bn(8, 16, 3, 2)
-        self.layer3 = conv_bn(16, 16, 3, 2)
-        self.register_buffer("channel_scale", torch.rand(1, 16, 1, 1) + 0.5)
-        self.gamma = nn.Parameter(torch.full((16,), 0.5))
+        self.layer2 = ScaledConv(8, 16)
+        self.layer3 = ScaledConv(16, 16)
 
     def forward(self, x):
-        y = self.layer2(self.layer1(x))
-        y = y * (self.channel_scale * 2.0) + self.gamma.view(1, -1, 1, 1) * y
-        return self.layer3(y)
+        return self.layer3(self.layer2(self.layer1(x)))
 
 
 # --- 29. InstanceNorm + squeeze/unsqueeze gating on channel mean ----------------------------------------
@@ -740,8 +759,7 @@ class INNet(nn.Module):
 
 CASES: list[ZooCase] = [
     ZooCase("resnet", TinyResNet, ["layer1", "layer2", "layer3"], covers="baseline"),
-    ZooCase("preact_resnet", PreActResNet, ["layer1", "layer2", "layer3"], covers="pre-activation",
-            needs="stages"),
+    ZooCase("preact_resnet", PreActResNet, ["layer1", "layer2", "final_act"], covers="pre-activation"),
     ZooCase("se_resnet", SEResNet, ["layer1", "layer2", "layer3"], covers="3: whole-map avg_pool2d, .view(b, c)"),
     ZooCase("cbam", CBAMNet, ["stage1", "stage2", "stage3"], covers="3: torch.max(x, 1), whole-map max_pool2d"),
     ZooCase("deeplab_aspp", DeepLabLike, ["layer1", "aspp"], covers="3: ASPP image pool, pooled BN"),
@@ -754,7 +772,7 @@ CASES: list[ZooCase] = [
     ZooCase("timm_leaf", TimmLeafNet, ["stage1", "stage2"], covers="3: timm fx leaf traced through"),
     ZooCase("aux_head", AuxHeadNet, ["layer1", "layer2"], covers="3: training-only aux head"),
     ZooCase("pooled_bn", PooledBNNet, ["layer1", "layer2"], covers="3: BatchNorm over pooled vectors"),
-    ZooCase("frozen_bn", FrozenBNNet, ["bn2", "bn3"], covers="1.2: frozen BN from buffers",
+    ZooCase("frozen_bn", FrozenBNNet, ["layer2", "layer3"], covers="1.2: frozen BN from buffers",
             needs="core-semantics"),
     ZooCase("dropout_flag", DropFlagNet, ["layer2", "layer3"], covers="1.1: training=self.training",
             needs="core-semantics"),
@@ -771,7 +789,9 @@ CASES: list[ZooCase] = [
     ZooCase("inception", InceptionLike, ["inc1", "inc2", "inc3"], covers="parallel branches"),
     ZooCase("gn_ws", GNWSNet, ["layer2", "layer3"], covers="weight standardisation, GroupNorm"),
     ZooCase("shufflenet", ShuffleLike, ["stage1", "stage2", "stage3"], covers="channel split and shuffle"),
-    ZooCase("hourglass", HourglassNet, ["hg", "layer1", "layer2"], covers="down-up with nearest upsample"),
+    # automatic discovery ends the stride-4 stage at the stem, before the down-up block: name the stages
+    ZooCase("hourglass", HourglassNet, ["hg", "layer1", "layer2"], covers="down-up with nearest upsample",
+            wrap_kwargs={"stages": ["hg", "layer1", "layer2"]}),
     ZooCase("gem_minmax", GeMNet, ["stage2", "stage3"], covers="3: torch.min values+indices, maxout"),
     ZooCase("eca", ECANet, ["layer1", "layer2"], covers="ECA 1-D conv"),
     ZooCase("split_attention", SplitAttnNet, ["layer1", "layer2"], covers="softmax over radix"),

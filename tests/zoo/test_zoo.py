@@ -38,7 +38,21 @@ def _encoder_outputs(enc, model, x, train: bool) -> list[torch.Tensor]:
         return enc(x)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+# Known failures, reported to the owners rather than hidden; strict, so a fix shows up here.
+KNOWN = {
+    # SparseEncoder.train() sets every shared module to train mode itself and never calls the model's
+    # own train(), which keeps the stem's BatchNorm in eval mode: the encoder then uses batch
+    # statistics where the model uses running ones (sparsify/encoder.py, issue 8 core-semantics).
+    "frozen_stem": "the encoder's train() bypasses the model's own train() override",
+}
+
+
+def _params():
+    return [pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[c.name])]
+                         if c.name in KNOWN else []) for c in CASES]
+
+
+@pytest.mark.parametrize("case", _params())
 def test_zoo_model_keeps_the_contract(case: ZooCase):
     model, x = _setup(case)
     enc = sparsify.wrap(model, case.input_size, **case.wrap_kwargs)
