@@ -267,7 +267,8 @@ def _fresh_rule(view: NodeView) -> Decision:
 
 for _t in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "bernoulli_", "uniform_",
            "normal_", torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
-           torch.randn_like, torch.full_like):
+           torch.randn_like, torch.full_like, torch.zeros, torch.ones, torch.full, torch.empty, torch.rand,
+           torch.randn):
     register_rule(_t, _fresh_rule)
 
 

@@ -47,7 +47,7 @@ REAL_MODELS: list[tuple[str, str, tuple[int, int], dict]] = [
     ("timm", "resnetblur18", (64, 64), {}),
     ("timm", "selecsls42b", (64, 64), {}),
     ("timm", "hrnet_w18_small", (64, 64), {}),
-    ("timm", "inception_v3", (96, 96), {"aux_logits": True}),
+    ("timm", "inception_v3", (160, 160), {}),
     ("torchvision", "googlenet", (64, 64), {"aux_logits": True, "init_weights": True}),
     ("torchvision", "mnasnet0_5", (64, 64), {}),
     ("torchvision", "regnet_x_400mf", (64, 96), {}),

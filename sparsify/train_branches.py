@@ -46,9 +46,18 @@ def _structural_keys(graph: fx.Graph) -> dict[fx.Node, Any]:
 
 
 def _returned(graph: fx.Graph, keys: dict[fx.Node, Any]) -> set[Any]:
+    """Keys of the values the graph returns, looking inside returned containers built in the graph
+    (torchvision's ``GoogLeNetOutputs(logits, aux2, aux1)`` is a namedtuple call)."""
     output = next(n for n in graph.nodes if n.op == "output")
     found: set[Any] = set()
-    fx.map_arg(output.args, lambda n: found.add(keys[n]))
+
+    def visit(node: fx.Node) -> None:
+        if node.op == "call_function" and isinstance(node.target, type) and issubclass(node.target, tuple):
+            fx.map_arg((node.args, node.kwargs), visit)
+        else:
+            found.add(keys[node])
+
+    fx.map_arg(output.args, visit)
     return found
 
 
