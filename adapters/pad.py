@@ -25,6 +25,10 @@ def _pad_rule(mode_value_of):
         if info is None or info.spatial is None:
             return passthrough_nonspatial(view)
         mode, value = mode_value_of(view)
+        pads = view.arg(1, "pad") if view.module is None else getattr(view.module, "padding", ())
+        pads = pads if isinstance(pads, (tuple, list)) else (pads,)
+        if any(isinstance(p, int) and p < 0 for p in pads):
+            raise Unsupported("negative padding crops the map (spatial slicing)")
         if mode != "constant" or (value or 0) != 0:
             raise Unsupported(f"{mode} padding with value {value} (only zero padding keeps absent "
                               "sites absent)")
