@@ -102,10 +102,38 @@ def _reshape_rule(view: NodeView) -> Decision:
     return Decision(out=info.but(spatial=spatial))
 
 
-for _t in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-           torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten, nn.Flatten,
-           nn.Unflatten):
+def _unsqueeze_rule(view: NodeView) -> Decision:
+    # The new dim's position is explicit: no need to guess from sizes (a 1-pixel-high map is fine).
+    x = view.args[0] if view.args else view.kwargs.get("input")
+    info = view.info(x)
+    if info is None or info.spatial is None:
+        return passthrough_nonspatial(view)
+    dim = view.arg(1, "dim") % (len(view.shape(x)) + 1)
+    return Decision(out=info.but(spatial=tuple(d + (1 if d >= dim else 0) for d in info.spatial)))
+
+
+def _squeeze_rule(view: NodeView) -> Decision:
+    x = view.args[0] if view.args else view.kwargs.get("input")
+    info = view.info(x)
+    dim = view.arg(1, "dim")
+    if info is None or info.spatial is None or not isinstance(dim, int):
+        return _reshape_rule(view)
+    ndim = len(view.shape(x))
+    dim %= ndim
+    if dim in info.spatial:
+        raise Unsupported("squeezes a spatial dim")
+    if view.shape(x)[dim] != 1:  # a no-op
+        return Decision(out=info)
+    return Decision(out=info.but(spatial=tuple(d - (1 if d > dim else 0) for d in info.spatial)))
+
+
+for _t in ("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as",
+           torch.reshape, torch.flatten, torch.unflatten, nn.Flatten, nn.Unflatten):
     register_rule(_t, _reshape_rule)
+for _t in ("unsqueeze", "unsqueeze_", torch.unsqueeze):
+    register_rule(_t, _unsqueeze_rule)
+for _t in ("squeeze", "squeeze_", torch.squeeze):
+    register_rule(_t, _squeeze_rule)
 for _t in ("permute", torch.permute):
     register_rule(_t, _permute_rule)
 for _t in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):

@@ -413,6 +413,14 @@ class CNNSpec:
         return math.prod(b.total_stride() for b in self.blocks)
 
     @property
+    def min_train_batch(self) -> int:
+        """Smallest batch that runs in train mode: 2 when a BatchNorm normalises pooled (B, C, 1, 1)
+        vectors (one value per channel is an error in PyTorch itself), else 1."""
+        pooled_bn = any(isinstance(b, SESpec) and b.pool == "bn" or isinstance(b, ImagePoolSpec) and b.bn
+                        for b in self.blocks)
+        return 2 if pooled_bn else 1
+
+    @property
     def out_channels(self) -> int:
         """Channels of the final feature map (before the head)."""
         c = self.in_chans

@@ -472,11 +472,6 @@ class CNNCase(NamedTuple):
         )
 
 
-def _pooled_batch_norm(spec: CNNSpec) -> bool:
-    return any(isinstance(b, SESpec) and b.pool == "bn" or isinstance(b, ImagePoolSpec) and b.bn
-               for b in spec.blocks)
-
-
 def cnn_cases(
     *,
     max_batch: int = 3,
@@ -498,7 +493,7 @@ def cnn_cases(
         # per channel even at the coarsest scale with a batch of one.
         grid = draw(grid_sizes(1, max_cells, square=square).filter(lambda g: g[0] * g[1] >= 2))
         # BatchNorm over pooled (B, C, 1, 1) vectors needs two samples in train mode, as in the model
-        batch = draw(batch_sizes(2 if _pooled_batch_norm(spec) else 1, max(max_batch, 2)))
+        batch = draw(batch_sizes(spec.min_train_batch, max(max_batch, spec.min_train_batch)))
         seed = draw(seeds())
         offset = draw(st.sampled_from(_OFFSETS))
         x = _image(batch, spec.in_chans, (grid[0] * r, grid[1] * r), seed, offset)
