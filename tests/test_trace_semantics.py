@@ -153,7 +153,7 @@ def test_live_flags_under_compile_fullgraph():
     torch.manual_seed(0)
     model = FunctionalNet()
     enc = sparsify.wrap(model, (32, 32), **WRAP)
-    compiled = torch.compile(enc, fullgraph=True, backend="eager")
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 32, 32)
     for train in (False, True):
         got = _enc_out(compiled, x, train)
