@@ -14,12 +14,14 @@ from collections.abc import Callable
 
 from .cli import RecipeError
 
-__all__ = ["BatchPlan", "plan_batches", "largest_fitting", "CPU_MICRO_BATCH", "PROBE_LIMIT"]
+__all__ = ["BatchPlan", "plan_batches", "largest_fitting", "CPU_MICRO_BATCH", "DISTRIBUTED_MICRO_BATCH", "PROBE_LIMIT"]
 
 #: micro-batch cap on devices that are not probed (CPU, MPS)
 CPU_MICRO_BATCH = 32
 #: the largest micro-batch the CUDA probe tries
 PROBE_LIMIT = 512
+#: micro-batch per GPU under torchrun when --micro-batch is not given (the probe is single-process only)
+DISTRIBUTED_MICRO_BATCH = 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import report
-from .batching import CPU_MICRO_BATCH, PROBE_LIMIT, BatchPlan, largest_fitting, plan_batches
+from .batching import CPU_MICRO_BATCH, DISTRIBUTED_MICRO_BATCH, PROBE_LIMIT, BatchPlan, largest_fitting, plan_batches
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RecipeError, format_size, warn
 from .config import PROG, PretrainConfig
 from .data import (
@@ -150,6 +150,12 @@ class Pretrainer:
         """The largest micro-batch <= ``upper`` this device holds (probed on CUDA; a fixed cap elsewhere)."""
         if self.env.device.type != "cuda":
             return min(upper, CPU_MICRO_BATCH)
+        if self.env.distributed:
+            # A probe that runs out of memory on one rank only would leave the others waiting in a
+            # SyncBatchNorm collective: under torchrun, take a safe default and say how to change it.
+            size = min(upper, DISTRIBUTED_MICRO_BATCH)
+            self.say(f"  micro-batch {size} per GPU (not probed under torchrun; set --micro-batch to change it)")
+            return size
         size = largest_fitting(self._fits, min(upper, PROBE_LIMIT))
         self.say(f"  micro-batch {size}: the most of {min(upper, PROBE_LIMIT)} tried that fits in device memory")
         return size
