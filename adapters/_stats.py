@@ -97,15 +97,36 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, biased variance and count over ``dims`` at active sites (fp32 or fp64, keepdim=True).
 
-    Differentiable in ``x`` (the shift is a constant: the moments do not depend on it). A region
-    without active sites gives 0, 0, 0.
+    Differentiable in ``x``. A region without active sites gives 0, 0, 0.
     """
-    shift, s1, s2, n = shifted_sums(x, mask, dims)
-    acc = _acc64(x)
-    offset, var = moments_from_sums(s1.to(acc), s2.to(acc), n, acc)
-    mean = torch.where(n > 0, shift.to(acc) + offset, torch.zeros_like(offset))
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return mean.to(dtype), var.to(dtype), n.to(dtype)
+    return _MaskedMoments.apply(x, mask, dims)
+
+
+class _MaskedMoments(torch.autograd.Function):
+    """The moments as one autograd node: backward needs only ``x`` (which the normalisation keeps
+    anyway) and the mask, not the centred copy that autograd through the sums would save."""
+
+    @staticmethod
+    def forward(ctx, x, mask, dims):
+        shift, s1, s2, n = shifted_sums(x, mask, dims)
+        acc = _acc64(x)
+        offset, var = moments_from_sums(s1.to(acc), s2.to(acc), n, acc)
+        mean = torch.where(n > 0, shift.to(acc) + offset, torch.zeros_like(offset))
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        mean, var, n = mean.to(dtype), var.to(dtype), n.to(dtype)
+        ctx.save_for_backward(x, mask, mean, n)
+        ctx.mark_non_differentiable(n)
+        return mean, var, n
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var, _grad_n):
+        # d mean / dx = mask / n; d var / dx = 2 mask (x - mean) / n (mean and var are shift-free).
+        x, mask, mean, n = ctx.saved_tensors
+        inv_n = 1.0 / n.clamp_min(1.0)
+        grad = (x.to(mean.dtype) - mean).mul_(2 * grad_var * inv_n if grad_var is not None else 0.0)
+        if grad_mean is not None:
+            grad = grad.add_(grad_mean * inv_n)
+        return grad.mul_(mask.to(grad.dtype)).to(x.dtype), None, None
 
 
 def masked_sums(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]
