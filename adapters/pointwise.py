@@ -188,12 +188,15 @@ for _t in (nn.Softmax, F.softmax, torch.softmax, "softmax"):
 
 def _register_third_party() -> None:
     try:
-        from timm.layers import DropPath
+        from timm.layers import DropBlock2d, DropPath
         from timm.layers.norm_act import FrozenBatchNormAct2d
     except ImportError:
         pass
     else:
         register_rule(DropPath, pointwise_rule(zero=True))
+        # A random map of dropped blocks times x (rescaled by its kept fraction): x's masked zeros stay
+        # zero; its train-mode code branches on sizes, so it is kept whole rather than traced.
+        register_rule(DropBlock2d, pointwise_rule(zero=True))
         register_rule(FrozenBatchNormAct2d, pointwise_rule(zero=False))
     try:
         from torchvision.ops import StochasticDepth

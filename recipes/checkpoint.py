@@ -7,10 +7,18 @@ It is written to a temporary file in the same folder, flushed to disk, then rena
 name, so a run killed at any instant (even SIGKILL) leaves either the old or the new file, never half
 of one. Everything in it is plain tensors and Python containers, so it loads with
 ``torch.load(weights_only=True)``.
+
+Damage is detected, not trusted: :func:`seal` stores a digest of the whole content (every tensor's
+bytes, dtype and shape, every key and value) under ``"checksum"``, and :func:`load_checkpoint` recomputes
+it, so flipped bytes that still unpickle are reported; a checkpoint holding non-finite weights, buffers
+or optimiser state is never written (:func:`nonfinite_entries`) and never resumed from. Either way the
+previous good checkpoint is used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import random
 import re
@@ -27,6 +35,9 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "atomic_save",
     "checkpoint_path",
+    "content_digest",
+    "nonfinite_entries",
+    "seal",
     "list_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
@@ -95,32 +106,103 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike[str], fallback: bool = True) -> tuple[dict, Path]:
-    """Load a checkpoint (``weights_only=True``); if it is unreadable and ``fallback``, try older ones.
+def _feed(h: Any, obj: Any) -> None:
+    """Feed ``obj`` into the hash ``h`` in a canonical form (type tags keep different structures apart)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            h.update(f"K{type(k).__name__}:{k!r}".encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:  # str, int, float, bool, None: repr is exact and stable
+        h.update(f"S{type(obj).__name__}:{obj!r}".encode())
+
+
+def content_digest(state: Mapping[str, Any]) -> str:
+    """A BLAKE2b digest of everything in ``state`` except its ``"checksum"`` entry."""
+    h = hashlib.blake2b(digest_size=32)
+    _feed(h, {k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def seal(state: dict[str, Any]) -> dict[str, Any]:
+    """Add the content digest that :func:`load_checkpoint` verifies; returns ``state``."""
+    state["checksum"] = content_digest(state)
+    return state
+
+
+def nonfinite_entries(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors (and floats) in ``obj`` that hold a NaN or an infinity."""
+    bad: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            bad.append(prefix or "tensor")
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            bad.append(prefix or "value")
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            bad += nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad += nonfinite_entries(v, f"{prefix}[{i}]")
+    return bad
+
+
+def _problem(state: Any, expected_format: str) -> str | None:
+    """Why ``state`` must not be resumed from, or ``None`` when it is sound."""
+    if not isinstance(state, Mapping) or state.get("format") != expected_format:
+        return f"not a {expected_format.split('/')[0]} checkpoint"
+    if "checksum" in state and state["checksum"] != content_digest(state):
+        return "damaged (its content does not match its checksum)"
+    bad = nonfinite_entries({k: state[k] for k in ("model", "optimizer") if k in state})
+    if bad:
+        return f"holds non-finite values ({len(bad)} tensors, e.g. {bad[0]})"
+    return None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], fallback: bool = True, expected_format: str = CHECKPOINT_FORMAT
+) -> tuple[dict, Path]:
+    """Load and verify a checkpoint (``weights_only=True``); if it is unusable and ``fallback``, try older ones.
+
+    A checkpoint is unusable when it does not unpickle, is of another format, fails its checksum, or
+    holds non-finite weights or optimiser state. Each one passed over is reported on stderr.
 
     Returns:
         (state, path actually loaded).
 
     Raises:
-        RecipeError: when no readable checkpoint is found.
+        RecipeError: when no usable checkpoint is found.
     """
     path = Path(path)
     candidates = [path]
     if fallback:
         candidates += [p for _, p in reversed(list_checkpoints(path.parent)) if p != path]
     errors = []
-    for p in candidates:
+    for i, p in enumerate(candidates):
         try:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            errors.append(f"{p.name}: {type(err).__name__}: {err}")
-            warn(f"checkpoint '{p}' is unreadable ({type(err).__name__}); trying an older one")
-            continue
-        if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
-            errors.append(f"{p.name}: not a sparsify-pretrain checkpoint")
-            continue
-        return dict(state), p
-    raise RecipeError(f"no readable checkpoint at '{path}' ({'; '.join(errors)})")
+            problem = _problem(state, expected_format)
+        except Exception as err:  # noqa: BLE001 - any failure to read means "use an older one"
+            problem = f"unreadable ({type(err).__name__}: {err})"
+        if problem is None:
+            return dict(state), p
+        errors.append(f"{p.name}: {problem}")
+        more = i + 1 < len(candidates)
+        warn(f"checkpoint '{p}' is {problem}; {'trying an older one' if more else 'no older one is left'}")
+    raise RecipeError(
+        f"no usable checkpoint at '{path}' ({'; '.join(errors)}); to start over, choose another --out or delete "
+        f"'{path.parent}'"
+    )
 
 
 def prune_checkpoints(folder: str | os.PathLike[str], keep: int) -> None:

@@ -7,6 +7,7 @@ turned by :func:`run_main` into one line on stderr and exit code 2, never a trac
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -30,6 +31,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 class RecipeError(Exception):
@@ -80,7 +82,8 @@ def warn(message: str) -> None:
 def run_main(prog: str, body: Callable[[], int]) -> int:
     """Run ``body`` and turn user errors into one clear stderr line and exit code 2.
 
-    Set ``SPARSIFY_TRACEBACK=1`` to see the full traceback of such an error as well.
+    A full disk (``ENOSPC``) anywhere is one line and exit code 1. Set ``SPARSIFY_TRACEBACK=1`` to see the
+    full traceback of such an error as well.
     """
     try:
         return body()
@@ -89,6 +92,17 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except OSError as err:
+        if err.errno not in _DISK_FULL or os.environ.get("SPARSIFY_TRACEBACK"):
+            raise
+        where = f" while writing '{err.filename}'" if err.filename else ""
+        print(
+            f"{prog}: error: the disk is full (no space left on device){where}; free some space, then run the "
+            "same command again (a run resumes from its last checkpoint, which is kept)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_FAILED
 
 
 def quiet_known_warnings() -> None:

@@ -78,8 +78,23 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
+def _first_visit(dirpath: str, seen: set[tuple[int, int]]) -> bool:
+    try:
+        st = os.stat(dirpath)
+    except OSError:
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
 def find_images(root: str | os.PathLike[str]) -> list[Path]:
-    """All image files under ``root``, searched recursively (symlinks followed), sorted.
+    """All image files under ``root``, searched recursively, sorted.
+
+    Symbolic links are followed, but each real directory is walked once: a link back to a parent (a
+    loop) or a second link to the same folder adds nothing.
 
     Raises:
         RecipeError: when the folder is missing, not a folder, or holds no image files.
@@ -90,7 +105,11 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
     if not base.is_dir():
         raise RecipeError(f"--data must be a folder of images, but '{root}' is a file")
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every real directory already walked
     for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        if not _first_visit(dirpath, seen):  # a symlink back to a folder already walked (a loop, or a twin)
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for name in filenames:
             if not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS):
@@ -177,9 +196,36 @@ def load_image(path: str | os.PathLike[str], channels: int = 3) -> torch.Tensor:
         return _array_to_tensor(arr)
     with Image.open(path) as img:
         img.load()
+        if img.mode in _WIDE_MODES:  # 16/32-bit grey: PIL's own conversion would clip it at 255
+            return _array_to_tensor(_array_to_channels(_wide_to_unit(img), channels))
         converted = _pil_to_channels(img, channels)
     arr = np.asarray(converted)
     return _array_to_tensor(arr)
+
+
+# PIL modes of more than 8 bits per pixel (16-bit PNG/TIFF open as I;16* or I, float TIFF as F).
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _wide_to_unit(img: Image.Image) -> np.ndarray:
+    """A 16/32-bit or float grey image as float32 in [0, 1], scaled by the range its format can hold.
+
+    16-bit files (PIL mode ``I;16*``, or ``I`` whose values fit in 16 bits) are divided by 65535; wider
+    integers by their own maximum; float images are kept when already in [0, 1], else divided by their maximum.
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "I":
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        top = 65535.0 if lo >= 0 and hi <= 65535 else max(hi, 1.0)
+        arr = np.clip(arr, 0.0, None)
+    else:  # "F"
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        arr = np.clip(arr, 0.0, None)
+        hi = float(arr.max(initial=0.0))
+        top = 1.0 if hi <= 1.0 else hi
+    return (arr / top).astype(np.float32)
 
 
 def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:

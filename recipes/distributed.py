@@ -31,6 +31,7 @@ __all__ = [
     "all_gather_objects",
     "broadcast_object",
     "barrier",
+    "unwrap",
     "broadcast_state",
     "average_gradients",
     "DistBatchNorm2d",
@@ -101,9 +102,19 @@ def _active() -> bool:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it."""
-    if _active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it.
+
+    Host-side tensors (the loop's flags and counters) travel through the GPU when the process group is
+    NCCL only: NCCL has no CPU path and would refuse them.
+    """
+    if not _active():
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        buf = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        tensor.copy_(buf.cpu())
+        return tensor
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -170,6 +181,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: every rank's output depends on every rank's input, so the
+    gradient of each input is the sum over ranks of the output gradients (another all-reduce).
+
+    (Our own, because ``torch.distributed.nn.functional.all_reduce`` is deprecated and warns on every rank.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        g = grad.contiguous().clone()
+        dist.all_reduce(g)
+        return g
+
+
+def _all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x)
+
+
 class DistBatchNorm2d(nn.BatchNorm2d):
     """A dense BatchNorm2d whose training statistics are all-reduced across ranks, on any device.
 
@@ -180,13 +221,12 @@ class DistBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not (self.training and _active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
         xf = x.float()
         count = torch.full((1,), xf.numel() / c, dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
-        stats = all_reduce(stats)
+        stats = _all_reduce_with_grad(stats)
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0.0)
@@ -274,13 +314,12 @@ def _dist_masked_batchnorm(base: type[nn.Module]) -> type[nn.Module]:
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             if not (self.training and _active()):
                 return super().forward(x, mask)
-            from torch.distributed.nn.functional import all_reduce
 
             c = x.shape[1]
             xf = x.float()
             w = mask.to(xf.dtype)
             local = torch.cat([(xf * w).sum((0, 2, 3)), (xf * xf * w).sum((0, 2, 3)), w.sum().view(1)])
-            stats = all_reduce(local)
+            stats = _all_reduce_with_grad(local)
             count = stats[-1]
             n = count.clamp(min=1.0)
             mean = stats[:c] / n

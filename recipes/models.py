@@ -36,6 +36,7 @@ __all__ = [
     "classifier_names",
     "head_prefixes",
     "model_slug",
+    "same_model_spec",
 ]
 
 # Drop-path rates of the SparK paper's pretraining recipe (design.md section 7).
@@ -80,8 +81,20 @@ def parse_model_spec(text: str) -> ModelSpec:
 def model_slug(text: str) -> str:
     """A short, file-name-safe name for a model spec (for run directories)."""
     spec = parse_model_spec(text)
-    name = spec.name.rsplit(":", 1)[-1] if spec.kind == "factory" else spec.name
+    if spec.kind == "factory":  # the module's own name too: two files may both define ``make``
+        module, _, func = spec.name.rpartition(":")
+        name = f"{Path(module).stem if module.endswith('.py') else module}-{func}"
+    elif spec.kind == "torchvision":  # never the same folder as timm's model of the same name
+        name = f"torchvision-{spec.name}"
+    else:
+        name = spec.name
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def same_model_spec(a: str, b: str) -> bool:
+    """Whether two ``--model`` values name the same model (``timm:resnet18`` and ``resnet18`` do)."""
+    sa, sb = parse_model_spec(a), parse_model_spec(b)
+    return (sa.kind, sa.name) == (sb.kind, sb.name)
 
 
 def default_drop_path(text: str) -> float:
@@ -296,6 +309,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 def load_init(model: nn.Module, path: str | os.PathLike[str], allow_missing: tuple[str, ...] = ()) -> list[str]:
     """Load a local state dict into ``model``; only keys under ``allow_missing`` prefixes may be absent.
 
+    The file may not hold tensors the model lacks (a deeper or other architecture).
+
     Tensors whose shapes differ (e.g. an old classifier with another class count) are dropped when they
     belong to ``allow_missing`` modules, and are an error otherwise.
 
@@ -333,4 +348,10 @@ def load_init(model: nn.Module, path: str | os.PathLike[str], allow_missing: tup
     loaded = len(state) - len(result.unexpected_keys)
     if loaded == 0:
         raise RecipeError(f"'{path}' shares no tensor names with this model; was it saved from another architecture?")
+    extra = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if extra:  # e.g. a deeper network's backbone: its extra blocks would be dropped without a word
+        raise RecipeError(
+            f"'{path}' does not fit this model: it holds {len(extra)} tensors the model lacks "
+            f"(e.g. {', '.join(extra[:3])}); was it saved from another architecture?"
+        )
     return missing

@@ -58,10 +58,17 @@ def random_mask(
     return (ranks < keep).view(batch, 1, h, w)
 
 
-def check_mask(mask: torch.Tensor, batch: int, grid: tuple[int, int]) -> None:
-    """Raise SparsifyError unless ``mask`` is a bool (B, 1, h, w) tensor for this batch and grid."""
+def check_mask(mask: torch.Tensor, batch: int, grid: tuple[int, int], device: torch.device | None = None) -> None:
+    """Raise SparsifyError unless ``mask`` is a bool (B, 1, h, w) tensor for this batch and grid (on
+    ``device`` when given: the input's)."""
     if not isinstance(mask, torch.Tensor):
         raise SparsifyError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.device.type == "meta" or (device is not None and mask.device != device):
+        raise SparsifyError(
+            f"mask is on device {mask.device} but the input is on {device}; "
+            + ("a meta tensor has no values. " if mask.device.type == "meta" else "")
+            + "Create the mask on the input's device (mask.to(x.device), or random_mask(..., device=x.device))"
+        )
     if mask.dtype != torch.bool:
         raise SparsifyError(
             f"mask must be a bool tensor (True = visible), got dtype {mask.dtype}; use mask.bool() "

@@ -2,34 +2,60 @@
 
 A node's stride is input size / its spatial size, read from shapes recorded at two input sizes (a map
 counts only if its size scales exactly with the input, so a valid 7x7 convolution in a classifier
-head is not mistaken for a stride-224 stage). For each distinct stride from 4 up to the final one,
-the stage is the last node at that stride that every path from the input to the output runs
-through; LayerNorm-and-permute tails are stepped over, so a ConvNeXt stage ends before the next
-downsampling layer's norm. Users can name stage nodes themselves.
+head is not mistaken for a stride-224 stage). The pyramid has one map per distinct stride from 4 up
+to the final one, each the *end of a stage*, found from the graph and the module-call hierarchy alone:
+
+* The *stage level* is the innermost module call holding every downsampling into the pyramid's
+  coarser strides (timm ConvNeXt: ``stages``; EfficientNet: ``blocks``; ResNet: the model itself).
+  Its direct steps (child module calls, or ops written in its own forward such as a residual
+  ``add``) are the candidates: the stage at stride s ends with the last step whose output is at
+  stride s, that everything later depends on, and that comes before the step downsampling to the
+  next stride. So a stage never ends inside the next stage's first block (the expanded activation
+  of an inverted residual, a downsampling norm, a pre-activation), and whatever follows the stage
+  level (a head conv, a head norm, Identity modules) is not part of the last stage.
+* A trailing per-site LayerNorm or Identity step is stepped over (a hand-written downsampling or
+  head norm); a stride with no such step at that level is looked up one level further out, and
+  failing that the last node at that stride the output depends on is taken (the old rule).
+
+A model that already returns a list, tuple or dict of maps (a UNet encoder, an FPN body, timm
+``features_only=True``) names its pyramid itself: those maps are the stages, fine to coarse. Users can
+also name the stages: graph node names, or module names (a module's output).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._calls import Call, CallTree
 from .errors import SparsifyError
 
-__all__ = ["Stage", "discover_stages", "node_stride"]
+__all__ = ["GraphNode", "Stage", "describe_nodes", "discover_stages", "node_stride"]
+
+_MIN_STRIDE = 4  # the finest automatic pyramid level, as in SparK (C2 of a ResNet)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One level of the feature pyramid: graph node name, stride w.r.t. the input, channels."""
+    """One level of the feature pyramid.
+
+    Attributes:
+        name: the graph node whose output this stage returns.
+        stride: input size / map size.
+        channels: channels of the map.
+        module: path (as in ``named_modules()``) of the module call this stage is the output of,
+            or None when the stage is an op written directly in a forward (e.g. a residual add).
+    """
 
     name: str
     stride: int
     channels: int
+    module: str | None = None
 
 
 def node_stride(shape_a: Any, shape_b: Any, size_a: tuple[int, int], size_b: tuple[int, int]) -> int | None:
@@ -59,7 +85,7 @@ def _rough_stride(shape_a: Any, shape_b: Any, size_b: tuple[int, int]) -> int | 
     return rough.pop() if len(rough) == 1 else None
 
 
-def _reaches_output_without(graph: fx.Graph, start: fx.Node, output: fx.Node, skip: fx.Node) -> bool:
+def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node) -> bool:
     seen = {skip}
     todo = [start]
     while todo:
@@ -85,78 +111,298 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-_NORM_TAIL_METHODS = {"permute", "contiguous"}
+_TAIL_METHODS = {"permute", "contiguous"}
 
 
 def _is_norm_tail(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_method" and node.target in _NORM_TAIL_METHODS:
+    """A per-site LayerNorm, its permutes, or an Identity: never where a stage ends."""
+    if node.op == "call_method" and node.target in _TAIL_METHODS:
         return True
     if node.op == "call_function" and node.target in (torch.permute, F.layer_norm):
         return True
-    return node.op == "call_module" and type(modules.get(node.target)) is nn.LayerNorm
+    return node.op == "call_module" and isinstance(modules.get(node.target), (nn.LayerNorm, nn.Identity))
+
+
+_MEANS = {torch.mean, torch.var, torch.std, torch.var_mean, F.layer_norm}
+
+
+def _is_tail_step(call: Call | None, node: fx.Node, g: _Graph) -> bool:
+    """A step that ends no stage: a per-site LayerNorm (any implementation), its permutes, or Identity."""
+    if call is None:
+        return _is_norm_tail(node, g.modules)
+    if call.type is not None and issubclass(call.type, (nn.LayerNorm, nn.Identity)):
+        return True
+    # A hand-written norm (e.g. a channels-first LayerNorm): normalises, keeps the shape, and holds
+    # nothing but per-channel parameters (a conv or linear layer would make it real computation).
+    normalises = False
+    for n in call.nodes:
+        if n.op == "call_module":
+            module = g.modules.get(n.target)
+            if module is None or any(p.dim() > 1 for p in module.parameters()):
+                return False
+            normalises |= isinstance(module, nn.LayerNorm)
+        elif n.op == "get_attr":
+            value = _attr(g.gm, n.target)
+            if isinstance(value, torch.Tensor) and value.dim() > 1:
+                return False
+        elif n.op == "call_function":
+            if n.target in (F.conv2d, F.linear, torch.conv2d, torch.matmul):
+                return False
+            normalises |= n.target in _MEANS
+        elif n.op == "call_method":
+            normalises |= n.target in ("mean", "var", "std")
+    inside = set(call.nodes)
+    inputs = {a for n in call.nodes for a in n.all_input_nodes if a not in inside}
+    maps = [a for a in inputs if isinstance(g.shapes_a.get(a), torch.Size) and len(g.shapes_a[a]) == 4]
+    return normalises and len(maps) == 1 and g.shapes_a.get(call.output) == g.shapes_a[maps[0]]
+
+
+def _attr(root: nn.Module, target: str) -> object:
+    obj: object = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+class _Graph:
+    """What stage discovery needs to know about a traced graph."""
+
+    def __init__(self, gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
+                 size_b: tuple[int, int]):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.input = next(n for n in self.nodes if n.op == "placeholder")
+        self.output = next(n for n in self.nodes if n.op == "output")
+        self.shapes_a, self.shapes_b, self.size_a, self.size_b = shapes_a, shapes_b, size_a, size_b
+        self.strides = {n: node_stride(shapes_a.get(n), shapes_b.get(n), size_a, size_b) for n in self.nodes}
+        self.calls = CallTree(gm)
+        self.modules = dict(gm.named_modules())
+        self._articulation: dict[fx.Node, bool] = {}
+
+    def everything_depends_on(self, node: fx.Node) -> bool:
+        """Whether every path from the input to the output runs through ``node``."""
+        if node not in self._articulation:
+            self._articulation[node] = not _reaches_output_without(self.input, self.output, node)
+        return self._articulation[node]
+
+    def stage(self, node: fx.Node) -> Stage:
+        return Stage(node.name, self.strides[node], self.shapes_a[node][1], self.module_of(node))
+
+    def module_of(self, node: fx.Node) -> str | None:
+        """The outermost module call returning ``node`` that spans at most two strides (one stage)."""
+        for call in self.calls.ending_at(node):
+            spanned = {self.strides[n] for n in call.nodes if self.strides.get(n) is not None}
+            if len(spanned) <= 2:
+                return call.path
+        return None
+
+    def check_sizes(self, used: set[fx.Node], final: int) -> None:
+        """Refuse an input size the network's deepest maps do not divide (their sizes got rounded)."""
+        rough = [_rough_stride(self.shapes_a.get(n), self.shapes_b.get(n), self.size_b) for n in self.nodes
+                 if n in used]
+        rough = [r for r in rough if r is not None and r > final]
+        if rough:
+            ratio = max(rough)
+            raise SparsifyError(
+                f"input_size {self.size_a[0]}x{self.size_a[1]} is not a multiple of the network's downsample "
+                f"ratio {ratio} (its deepest feature maps get rounded sizes); pass input_size as a multiple of "
+                f"{ratio}")
 
 
 def discover_stages(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
                     size_b: tuple[int, int], names: list[str] | None = None) -> list[tuple[fx.Node, Stage]]:
-    """Pick the stage nodes, finest to coarsest. ``names`` overrides the automatic choice."""
-    graph = gm.graph
-    nodes = list(graph.nodes)
-    by_name = {n.name: n for n in nodes}
-    input_node = next(n for n in nodes if n.op == "placeholder")
-    output = next(n for n in nodes if n.op == "output")
-    strides = {n: node_stride(shapes_a.get(n), shapes_b.get(n), size_a, size_b) for n in nodes}
-
+    """Pick the stage nodes, finest to coarsest. ``names`` (node or module names) overrides the choice."""
+    g = _Graph(gm, shapes_a, shapes_b, size_a, size_b)
     if names is not None:
-        chosen = []
-        for name in names:
-            node = by_name.get(name)
-            if node is None:
-                raise SparsifyError(f"stage '{name}' is not a node of the traced graph; list the names "
-                                    "with sparsify.graph_node_names(model)")
-            if strides[node] is None:
-                raise SparsifyError(f"stage '{name}' is not an (N, C, H, W) feature map whose size is the "
-                                    f"input size divided by a whole stride (shape {tuple(shapes_a[node])})")
-            chosen.append(node)
-        result = [(n, Stage(n.name, strides[n], shapes_a[n][1])) for n in chosen]
-        if any(b[1].stride <= a[1].stride for a, b in zip(result, result[1:])):
-            raise SparsifyError("stages must be given finest to coarsest with strictly increasing strides, "
-                                f"got {[(s.name, s.stride) for _, s in result]}")
-        return result
+        return _named_stages(g, names)
+    returned = _returned_maps(g)
+    if returned is not None:
+        return returned
+    return _automatic_stages(g)
 
-    needed = _ancestors(output)
-    candidates = [n for n in nodes if n in needed and strides[n] is not None and n is not input_node]
+
+def _named_stages(g: _Graph, names: list[str]) -> list[tuple[fx.Node, Stage]]:
+    by_name = {n.name: n for n in g.nodes}
+    result = []
+    for name in names:
+        node = by_name.get(name)
+        module = None
+        if node is None:
+            node, module = _module_output(g, name), name
+        if g.strides[node] is None:
+            shape = g.shapes_a.get(node)
+            shape = tuple(shape) if isinstance(shape, torch.Size) else shape
+            raise SparsifyError(f"stage '{name}' is not an (N, C, H, W) feature map whose size is the "
+                                f"input size divided by a whole stride (shape {shape})")
+        stage = g.stage(node)
+        if module is not None:
+            stage = Stage(stage.name, stage.stride, stage.channels, module)
+        result.append((node, stage))
+    if any(b[1].stride <= a[1].stride for a, b in zip(result, result[1:])):
+        raise SparsifyError("stages must be given finest to coarsest with strictly increasing strides, "
+                            f"got {[(s.name, s.stride) for _, s in result]}")
+    return result
+
+
+def _module_output(g: _Graph, name: str) -> fx.Node:
+    """The node a module name stands for: the output of that module's (single) call."""
+    calls = g.calls.calls_of(name)
+    if not calls:
+        exists = name in dict(g.gm.named_modules()) or _is_module_of(g, name)
+        why = ("is a module that the forward pass never calls as a whole (a ModuleList or ModuleDict is "
+               "only looped over): name one of its children or a node" if exists else
+               "is not a node of the traced graph nor a module name")
+        raise SparsifyError(f"stage '{name}' {why}; list the node names, their module and stride with "
+                            "sparsify.graph_node_names(model)")
+    if len(calls) > 1:
+        raise SparsifyError(f"stage '{name}': the module is called {len(calls)} times in the forward pass, so "
+                            "its output is ambiguous; name the node instead (sparsify.graph_node_names(model))")
+    if calls[0].output is None:
+        raise SparsifyError(f"stage '{name}': the module does not return a single tensor; name the node "
+                            "instead (sparsify.graph_node_names(model))")
+    return calls[0].output
+
+
+def _is_module_of(g: _Graph, name: str) -> bool:
+    return any(call.path.startswith(name + ".") for call in g.calls.calls.values())
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _returned_maps(g: _Graph) -> list[tuple[fx.Node, Stage]] | None:
+    """Stages of a model that returns a list/tuple/dict of maps: those maps, fine to coarse; else None."""
+    value = g.output.args[0] if g.output.args else None
+    if not isinstance(value, (list, tuple, dict)):
+        return None
+    maps = []
+    for leaf in _leaves(value):
+        if isinstance(leaf, fx.Node) and g.strides.get(leaf) is not None and leaf not in maps:
+            maps.append(leaf)
+    if not maps:
+        raise SparsifyError("the model returns a list/tuple/dict, but none of its entries is an (N, C, H, W) "
+                            "feature map whose size is the input size divided by a whole stride; check "
+                            "input_size or pass stages=[node or module names]")
+    final = max(g.strides[n] for n in maps)
+    g.check_sizes(_ancestors(g.output), final)
+    floor = min(_MIN_STRIDE, final)
+    last_at: dict[int, fx.Node] = {}
+    for node in maps:  # a stride returned twice: the later entry (deeper in the network) wins
+        if g.strides[node] >= floor:
+            last_at[g.strides[node]] = node
+    return [(last_at[s], g.stage(last_at[s])) for s in sorted(last_at)]
+
+
+def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
+    needed = _ancestors(g.output)
+    candidates = [n for n in g.nodes if n in needed and g.strides[n] is not None and n is not g.input]
     if not candidates:
         raise SparsifyError("no feature map whose size scales with the input was found; check input_size "
                             "(it must be a multiple of the network's total stride) or pass stages=[...]")
-    final = max(strides[n] for n in candidates)
-    coarser = [_rough_stride(shapes_a.get(n), shapes_b.get(n), size_b) for n in nodes if n in needed]
-    coarser = [r for r in coarser if r is not None and r > final]
-    if coarser:
-        ratio = max(coarser)
-        raise SparsifyError(f"input_size {size_a[0]}x{size_a[1]} is not a multiple of the network's downsample "
-                            f"ratio {ratio} (its deepest feature maps get rounded sizes); pass input_size as a "
-                            f"multiple of {ratio}")
-    wanted = sorted({strides[n] for n in candidates if strides[n] >= min(4, final)})
-    modules = dict(gm.named_modules())
+    final = max(g.strides[n] for n in candidates)
+    g.check_sizes(needed, final)
+    wanted = sorted({g.strides[n] for n in candidates if g.strides[n] >= min(_MIN_STRIDE, final)})
+    first_at = {s: next(n for n in candidates if g.strides[n] == s) for s in wanted}
+    level = _stage_level(g, [first_at[s] for s in wanted])
     result: list[tuple[fx.Node, Stage]] = []
-    for stride in wanted:
-        at_stride = [n for n in candidates if strides[n] == stride]
-        found = None
-        for node in reversed(at_stride):
-            if not _reaches_output_without(graph, input_node, output, node):
-                found = node
-                break
+    for i, stride in enumerate(wanted):
+        limit = g.order[first_at[wanted[i + 1]]] if i + 1 < len(wanted) else len(g.nodes)
+        found = _stage_end(g, level, stride, limit, needed)
         if found is None:
-            continue
-        # Step back over a trailing LayerNorm (and its permutes) to the stage's own output.
-        back = found
-        while _is_norm_tail(back, modules) and len(back.all_input_nodes) >= 1:
-            back = back.all_input_nodes[0]
-            if strides.get(back) == stride:
-                found = back
-                break
-        result.append((found, Stage(found.name, stride, shapes_a[found][1])))
+            found = _last_node_at(g, candidates, stride)
+        if found is not None:
+            result.append((found, g.stage(found)))
     if not result or result[-1][1].stride != final:
         raise SparsifyError(f"could not find a single feature map at the final stride {final} that the "
-                            "output depends on; pass stages=[node names] (see sparsify.graph_node_names)")
+                            "output depends on; pass stages=[node or module names] (see "
+                            "sparsify.graph_node_names)")
     return result
+
+
+def _stage_level(g: _Graph, transitions: list[fx.Node]) -> tuple[str, ...]:
+    """The innermost module call holding every downsampling into the pyramid's coarser strides.
+
+    The first stride is left out when there are enough others: a stem is often outside the body
+    (timm ConvNeXt's ``stem`` before ``stages``).
+    """
+    picked = transitions[1:] if len(transitions) >= 3 else transitions
+    if len(picked) < 2:
+        return ()
+    stacks = [g.calls.keys[n] for n in picked]
+    level: list[str] = []
+    for keys in zip(*stacks):
+        if any(k != keys[0] for k in keys):
+            break
+        level.append(keys[0])
+    return tuple(level)
+
+
+def _stage_end(g: _Graph, level: tuple[str, ...], stride: int, limit: int, needed: set[fx.Node]) -> fx.Node | None:
+    """The last step at ``level`` (or, failing that, further out) that ends a stage at ``stride``."""
+    while True:
+        steps = [(call, out) for call, out in g.calls.items(level, g.nodes)
+                 if out in needed and g.strides.get(out) == stride and g.order[out] < limit
+                 and g.everything_depends_on(out)]
+        while len(steps) > 1 and _is_tail_step(*steps[-1], g):
+            steps.pop()
+        if steps:
+            return steps[-1][1]
+        if not level:
+            return None
+        level = level[:-1]
+
+
+def _last_node_at(g: _Graph, candidates: list[fx.Node], stride: int) -> fx.Node | None:
+    """The fallback: the last node at ``stride`` that the output depends on, before a trailing LayerNorm."""
+    at_stride = [n for n in candidates if g.strides[n] == stride]
+    found = next((n for n in reversed(at_stride) if g.everything_depends_on(n)), None)
+    back = found
+    while back is not None and _is_norm_tail(back, g.modules) and back.all_input_nodes:
+        back = back.all_input_nodes[0]
+        if g.strides.get(back) == stride:
+            return back
+    return found
+
+
+class GraphNode(NamedTuple):
+    """One node of a traced model, as listed by :func:`sparsify.graph_node_names`."""
+
+    name: str
+    """graph node name (what ``stages=[...]`` accepts, besides module names)"""
+    stride: int | None
+    """input size / map size for an (N, C, H, W) map that scales with the input, else None"""
+    shape: tuple[int, ...] | None
+    """output shape at the example input size"""
+    module: str | None
+    """path of the innermost module call the node belongs to (None at the top level)"""
+    stage: int | None
+    """index in the pyramid ``stages="auto"`` would choose (0 = finest), or None"""
+
+
+def describe_nodes(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
+                   size_b: tuple[int, int]) -> list[GraphNode]:
+    """Every node of ``gm`` with its stride, shape, module and, for the automatic stage ends, its index.
+
+    When automatic discovery fails (a hybrid model, no map at the final stride), no node is marked.
+    """
+    try:
+        chosen = {node: i for i, (node, _) in enumerate(discover_stages(gm, shapes_a, shapes_b, size_a, size_b))}
+    except SparsifyError:
+        chosen = {}
+    calls = CallTree(gm)
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        shape = shapes_a.get(node)
+        keys = calls.keys.get(node, ())
+        rows.append(GraphNode(node.name, node_stride(shape, shapes_b.get(node), size_a, size_b),
+                              tuple(shape) if isinstance(shape, torch.Size) else None,
+                              calls.calls[keys[-1]].path if keys else None, chosen.get(node)))
+    return rows

@@ -2,20 +2,30 @@
 
 Modules with a registered adapter, timm's own fx leaf modules and the user's ``leaf_modules`` stay
 whole (call_module nodes); timm's autowrapped functions stay calls, so timm models that branch on
-shapes still trace. Failures become a SparsifyError naming the module being traced.
+shapes still trace. Buffers are traced as graph inputs (``get_attr``), like parameters, so arithmetic
+on a module's own tensors (a frozen BatchNorm's ``weight * running_var.rsqrt()``) stays live instead
+of becoming a constant copy. Extra ``forward`` arguments are traced at their defaults (or at the
+user's ``concrete_args``). Failures become a SparsifyError naming the module being traced.
 """
 
 from __future__ import annotations
 
+import inspect
+import operator
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import SparsifyError
 
-__all__ = ["SparsifyTracer", "trace"]
+__all__ = ["SparsifyTracer", "trace", "module_path", "owner_path", "module_outputs"]
+
+#: node.meta key: the (module path, call index) pairs whose forward returned this node, innermost first.
+MODULE_OUTPUTS = "sparsify_module_outputs"
 
 
 def _timm_notrace() -> tuple[set[type], set[Callable]]:
@@ -27,7 +37,11 @@ def _timm_notrace() -> tuple[set[type], set[Callable]]:
 
 
 class SparsifyTracer(fx.Tracer):
-    """An fx tracer that keeps adapter-covered modules, timm leaves and user leaves whole."""
+    """An fx tracer that keeps adapter-covered modules, timm leaves and user leaves whole.
+
+    It also records, on each node a module's forward returned, which module (and which call of it)
+    produced it, so the unmodified model's own outputs can be captured with hooks as ground truth.
+    """
 
     def __init__(self, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Callable] = (),
                  **tracer_kwargs: Any):
@@ -36,9 +50,13 @@ class SparsifyTracer(fx.Tracer):
         timm_modules, timm_functions = _timm_notrace()
         functions = tuple(timm_functions) + tuple(autowrap_functions)
         functions += tuple(tracer_kwargs.pop("autowrap_functions", ()))
+        proxy_buffers = tracer_kwargs.pop("proxy_buffer_attributes", True)
         super().__init__(autowrap_functions=functions, **tracer_kwargs)
+        # Buffers read in forward become get_attr nodes (live), not tensors baked in at trace time.
+        self.proxy_buffer_attributes = proxy_buffers
         self._user_leaves = tuple(leaf_modules)
         self._leaf_types = set(module_rule_types()) | timm_modules
+        self.module_calls: dict[str, int] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self._leaf_types or (self._user_leaves and isinstance(m, self._user_leaves)):
@@ -46,40 +64,122 @@ class SparsifyTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        call = self.module_calls.get(path, 0)
+        self.module_calls[path] = call + 1
         try:
-            return super().call_module(m, forward, args, kwargs)
+            result = super().call_module(m, forward, args, kwargs)
         except Exception as error:
             if not hasattr(error, "_sparsify_module_path"):
-                error._sparsify_module_path = self.path_of_module(m)  # the innermost module wins
+                error._sparsify_module_path = path  # the innermost module wins
             raise
+        if isinstance(result, fx.Proxy):
+            result.node.meta.setdefault(MODULE_OUTPUTS, []).append((path, call))
+        return result
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C-implemented forward: let fx decide
+        return []
+
+
+def _concrete_args(model: nn.Module, concrete_args: dict[str, Any] | None) -> dict[str, Any]:
+    """Every forward argument after the image, fixed: the user's value, else the default."""
+    params = _forward_parameters(model)
+    given = dict(concrete_args or {})
+    names = {p.name for p in params}
+    unknown = sorted(set(given) - names)
+    if params and unknown:
+        raise SparsifyError(f"concrete_args names {unknown}, which {type(model).__name__}.forward does not take "
+                            f"(its arguments: {[p.name for p in params]})")
+    fixed: dict[str, Any] = {}
+    for index, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if index == 0 and p.name not in given:
+            continue  # the image
+        if p.name in given:
+            fixed[p.name] = given[p.name]
+        elif p.default is not p.empty:
+            fixed[p.name] = p.default
+        else:
+            raise SparsifyError(
+                f"{type(model).__name__}.forward takes a required argument '{p.name}' besides the image; "
+                f"sparsify calls forward(x) alone. Pass concrete_args={{'{p.name}': value}} to sparsify.wrap "
+                "to trace it at a fixed value (it is then fixed in the encoder), or wrap a small module "
+                "whose forward(x) calls your model."
+            )
+    return fixed
+
+
+def _drop_fixed_inputs(gm: fx.GraphModule, fixed: dict[str, Any]) -> None:
+    """Remove the placeholders fx made for fixed arguments, with the guards that check them."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    guards = (operator.eq, torch._assert, fx._symbolic_trace._assert_is_none)
+    for ph in placeholders[1:]:
+        doomed: list[fx.Node] = []
+        todo = [ph]
+        while todo:
+            node = todo.pop()
+            doomed.append(node)
+            for user in node.users:
+                if user not in doomed and user not in todo:
+                    todo.append(user)
+        if any(n is not ph and (n.op != "call_function" or n.target not in guards) for n in doomed):
+            raise SparsifyError(
+                f"the traced graph still uses the forward argument placeholder '{ph.target}' as a value; pass "
+                "concrete_args={...} with a plain value (bool, number, None) for it to sparsify.wrap")
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for node in sorted(set(doomed), key=order.get, reverse=True):
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Callable] = (),
-          tracer_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
-    """Trace ``model`` with :class:`SparsifyTracer`; SparsifyError with the failing module on error."""
-    tracer = SparsifyTracer(leaf_modules, autowrap_functions, **(tracer_kwargs or {}))
+          tracer_kwargs: dict[str, Any] | None = None, concrete_args: dict[str, Any] | None = None
+          ) -> fx.GraphModule:
+    """Trace ``model`` with :class:`SparsifyTracer`; SparsifyError with the failing module on error.
+
+    Forward arguments after the image are fixed at ``concrete_args`` or their defaults (recorded in
+    the result's ``meta["concrete_args"]``); ``meta["module_calls"]`` counts the calls of every
+    traced module path.
+    """
+    fixed = _concrete_args(model, concrete_args)
+    kwargs = dict(tracer_kwargs or {})
     own_attributes = set(model.__dict__)
     own_buffers = set(model._buffers)
     own_parameters = set(model._parameters)
     try:
-        graph = tracer.trace(model)
+        tracer = SparsifyTracer(leaf_modules, autowrap_functions, **kwargs)
+        try:
+            graph = tracer.trace(model, concrete_args=fixed or None)
+        except SparsifyError:
+            raise
+        except Exception:
+            if "proxy_buffer_attributes" in kwargs:
+                raise
+            # Python code that branches on a buffer's value cannot trace it as a graph value: trace such
+            # a model with buffers read as tensors, as fx does by default.
+            for name in set(model.__dict__) - own_attributes:
+                delattr(model, name)
+            tracer = SparsifyTracer(leaf_modules, autowrap_functions, proxy_buffer_attributes=False, **kwargs)
+            graph = tracer.trace(model, concrete_args=fixed or None)
+            if any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in graph.nodes):
+                warnings.warn(
+                    f"{type(model).__name__}'s forward branches on a buffer's value, so its buffers were traced as "
+                    "tensors: values computed from them are frozen copies in the encoder (loading new buffers "
+                    "into the model will not reach them). Keep that module whole with leaf_modules=[...].",
+                    stacklevel=3)
     except SparsifyError:
         raise
     except Exception as error:
         for name in set(model.__dict__) - own_attributes:
             delattr(model, name)
-        path = getattr(error, "_sparsify_module_path", None) or "<top level>"
-        module = model.get_submodule(path) if path != "<top level>" else model
-        raise SparsifyError(
-            f"torch.fx could not trace {type(model).__name__}: the failure is inside module '{path}' "
-            f"({type(module).__name__}): {type(error).__name__}: {error}\n"
-            "Fixes to try: pass leaf_modules=[" + type(module).__name__ + "] to sparsify.wrap to keep "
-            "that module whole (then register an adapter for it if it touches space: "
-            "sparsify.register_adapter), or autowrap_functions=[fn] for a helper function that branches "
-            "on tensor values or shapes."
-        ) from error
+        raise _trace_error(model, error, fixed) from error
     try:
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     finally:
         # fx stores tensor constants met while tracing (``_tensor_constant0``...) on the traced root;
         # the GraphModule has its own copy now, so take them off the user's model again.
@@ -89,6 +189,36 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
             del model._buffers[name]
         for name in set(model._parameters) - own_parameters:
             del model._parameters[name]
+    if fixed:
+        _drop_fixed_inputs(gm, fixed)
+    gm.meta["module_calls"] = dict(tracer.module_calls)
+    gm.meta["concrete_args"] = dict(fixed)
+    return gm
+
+
+def _trace_error(model: nn.Module, error: Exception, fixed: dict[str, Any]) -> SparsifyError:
+    path = getattr(error, "_sparsify_module_path", None) or ""
+    name = type(model).__name__
+    detail = f"{type(error).__name__}: {error}"
+    if not path:
+        # Never suggest the root as a leaf: that would leave nothing to rewrite.
+        fixed_note = f" (extra arguments were fixed at {fixed})" if fixed else ""
+        return SparsifyError(
+            f"torch.fx could not trace {name}: the failure is in {name}.forward itself{fixed_note}: {detail}\n"
+            "Fixes to try: if it branches on an extra forward argument, pass concrete_args={'name': value} "
+            "to sparsify.wrap; if it branches on tensor values or shapes, move that code into a helper "
+            "function and pass autowrap_functions=[fn], or into a submodule kept whole with "
+            "leaf_modules=[ThatModule] (and an adapter, sparsify.register_adapter, if it touches space)."
+        )
+    module = model.get_submodule(path)
+    return SparsifyError(
+        f"torch.fx could not trace {name}: the failure is inside module '{path}' "
+        f"({type(module).__name__}): {detail}\n"
+        "Fixes to try: pass leaf_modules=[" + type(module).__name__ + "] to sparsify.wrap to keep "
+        "that module whole (then register an adapter for it if it touches space: "
+        "sparsify.register_adapter), or autowrap_functions=[fn] for a helper function that branches "
+        "on tensor values or shapes."
+    )
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -100,3 +230,19 @@ def module_path(node: fx.Node) -> str | None:
         last = list(stack.values())[-1]
         return last[0] if isinstance(last, tuple) else str(last)
     return None
+
+
+def owner_path(node: fx.Node) -> str:
+    """The path of the module whose forward *created* the node ('' for the root model's forward).
+
+    For a call_module node that is the caller, not the module called.
+    """
+    stack = [v[0] if isinstance(v, tuple) else str(v) for v in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module" and stack and stack[-1] == str(node.target):
+        stack = stack[:-1]
+    return stack[-1] if stack else ""
+
+
+def module_outputs(node: fx.Node) -> list[tuple[str, int]]:
+    """(module path, call index) of every module call that returned ``node``, innermost first."""
+    return list(node.meta.get(MODULE_OUTPUTS, ()))

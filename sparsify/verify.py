@@ -2,9 +2,15 @@
 
 Checks (design.md section 2), each in train and eval mode, at the encoder's traced input size and at
 a non-square variant of it: zero at masked sites; dense equality with nothing masked (``mask=None``
-and an all-visible mask) against ``enc.dense_encoder()``; canvas invariance (padding right/bottom
-with whole masked patches of garbage); fully masked samples invisible to the others. With ``model=``
-also: the encoder shares the model's parameter and buffer objects under the same names.
+and an all-visible mask) against the unmodified model's own module outputs (captured with forward
+hooks; ``enc.dense_encoder()`` for stages no single module returns); canvas invariance (padding
+with whole masked patches of garbage); fully masked samples invisible to the others; the encoder
+shares the model's parameter and buffer objects under the same names.
+
+Stochastic layers (dropout, drop path, drop block) stay in train mode, but every comparison between
+runs on differently shaped inputs holds their random draws at the most likely value
+(:func:`sparsify.testing._draws.fixed_draws`): their draws depend on the shape, not on the contract.
+Zero at masked sites is checked with real draws.
 
 All failures are collected into one :class:`~sparsify.SparsifyError` whose message lists every
 check with its max error; on success a :class:`VerifyReport` is returned. The encoder's buffers
@@ -19,16 +25,9 @@ import torch
 import torch.nn as nn
 
 from .errors import SparsifyError
-from .testing.assertions import (
-    ATOL,
-    DENSE_ATOL,
-    DENSE_RTOL,
-    RTOL,
-    CheckResult,
-    check_shares_parameters,
-    format_results,
-    run_contract_checks,
-)
+from .testing._contract import run_contract_checks
+from .testing._results import ATOL, DENSE_ATOL, DENSE_RTOL, RTOL, CheckResult, format_results
+from .testing._sharing import check_shares_parameters
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -92,7 +91,8 @@ def verify(
             A non-square variant (one more patch column, or H and W swapped) is checked as well.
         ratio: fraction of patches masked.
         seed: seed of the random inputs, masks and garbage fills.
-        model: the wrapped model; when given, parameter sharing is checked too.
+        model: the wrapped model (default: the one ``sparsify.wrap`` made the encoder from): the
+            ground truth for dense equality, and parameter sharing is checked against it.
         atol, rtol, dense_atol, dense_rtol, fp64_witness: tolerances and the float64 rounding
             witness (see :func:`sparsify.testing.assert_sparse_semantics`).
 
@@ -136,12 +136,15 @@ def verify(
                 dense_rtol=dense_rtol,
                 generator=g,
                 fp64_witness=fp64_witness,
+                source_model=model,
             )
         except Exception as e:  # a crash is a failed check, reported with the others
             results = [CheckResult("runs without error", "", False, float("inf"), detail=f"{type(e).__name__}: {e}")]
         for res in results:
             res.context = where
         report.results += results
+    if model is None:
+        model = getattr(enc, "source_model", None)
     if model is not None:
         report.results.append(check_shares_parameters(enc, model))
     if not report.passed:

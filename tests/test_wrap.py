@@ -118,7 +118,7 @@ def test_wrap_errors():
 
 def test_explicit_stages_and_node_names():
     model = _resnet18()
-    names = {name: stride for name, stride, _ in sparsify.graph_node_names(model, (64, 64))}
+    names = {row.name: row.stride for row in sparsify.graph_node_names(model, (64, 64))}
     assert names["layer3_1_act2"] == 16
     enc = sparsify.wrap(model, (64, 64), stages=["layer2_1_act2", "layer3_1_act2"])
     assert enc.feature_strides == [8, 16] and enc.downsample_ratio == 16

@@ -2,7 +2,7 @@
 
 from .decoder import LightDecoder, decoder_steps
 from .densify import Densify, MaskedBatchNorm2d
-from .export import export_backbone, load_backbone
+from .export import backbone_metadata, export_backbone, load_backbone
 from .loss import masked_patch_loss
 from .model import SparK
 from .reconstruct import save_reconstructions
@@ -12,6 +12,7 @@ __all__ = [
     "save_reconstructions",
     "export_backbone",
     "load_backbone",
+    "backbone_metadata",
     "masked_patch_loss",
     "LightDecoder",
     "decoder_steps",

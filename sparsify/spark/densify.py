@@ -5,8 +5,9 @@ can use a scale, that scale is *densified*:
 
 1. a normalisation computed over the active (visible) sites only,
 2. a learned mask token, one (1, C, 1, 1) parameter per scale, written into every masked site,
-3. a projection to the decoder's width at that scale (1x1 conv at the coarsest scale, 3x3 conv at the
-   finer ones, identity whenever the encoder width already equals the decoder width).
+3. a projection to the decoder's width at that scale: 1x1 conv at the coarsest scale (identity there
+   when the encoder width already equals the decoder width), 3x3 conv at every finer scale, even when
+   the widths match (as the official SparK does: the 3x3 also mixes neighbouring sites).
 
 All statistics use the mask as a 0/1 weight, so nothing here synchronises with the host or has a
 data-dependent shape; it runs under autocast and ``torch.compile(fullgraph=True)``.
@@ -122,7 +123,8 @@ class Densify(nn.Module):
         in_channels: the encoder's channel count at this scale.
         out_channels: the decoder's width at this scale.
         norm: ``"batch"`` (masked BatchNorm), ``"layer"`` (LayerNorm over channels) or ``"none"``.
-        coarsest: whether this is the coarsest scale (1x1 projection) or a finer one (3x3).
+        coarsest: whether this is the coarsest scale (1x1 projection, identity if the widths match) or a
+            finer one (always a 3x3 projection).
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm: str, coarsest: bool) -> None:
@@ -137,7 +139,7 @@ class Densify(nn.Module):
             raise SparsifyError(f"unknown densify norm {norm!r}; use 'batch', 'layer' or 'none'")
         self.mask_token = nn.Parameter(torch.zeros(1, in_channels, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
-        if in_channels == out_channels:
+        if coarsest and in_channels == out_channels:
             self.proj: nn.Module = nn.Identity()
         else:
             k = 1 if coarsest else 3

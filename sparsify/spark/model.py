@@ -12,9 +12,9 @@ from ..masking import check_mask, num_visible, random_mask
 from ._patches import patchify, repeat_mask, unpatchify
 from .decoder import LightDecoder
 from .densify import Densify, resolve_densify_norm
-from .loss import masked_patch_loss, patch_statistics
+from .loss import PATCH_NORM_EPS, masked_patch_loss, patch_statistics
 
-__all__ = ["SparK"]
+__all__ = ["SparK", "hide_masked"]
 
 _STATE_VERSION = 1
 _REQUIRED_ENCODER_ATTRS = ("feature_channels", "feature_strides", "downsample_ratio", "in_chans")
@@ -43,6 +43,32 @@ def _check_encoder(encoder: nn.Module) -> None:
             f"encoder.downsample_ratio ({encoder.downsample_ratio}) must equal its coarsest feature "
             f"stride ({strides[-1]})"
         )
+
+
+def hide_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with every pixel of a masked patch set to exactly 0 (``mask``: bool (B, 1, h, w), True = visible).
+
+    Uses ``torch.where``, not a multiply, so NaN or Inf inside a masked patch cannot leak out.
+    """
+    return torch.where(repeat_mask(mask.bool(), x.shape[-2:]), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _display_statistics(
+    patches: torch.Tensor, visible_patches: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean/std used to show a prediction in pixel units (B, L, 1 each).
+
+    A patch whose own statistics are not finite (NaN/Inf pixels in a masked patch) falls back to the
+    statistics of the sample's visible pixels, so one bad patch does not blank the picture.
+    """
+    mean, std = patch_statistics(patches)
+    vis = mask.flatten(1).to(patches.dtype).unsqueeze(-1)  # (B, L, 1), 1 = visible
+    n = (vis.sum(1, keepdim=True) * patches.shape[-1]).clamp(min=2.0)
+    v_mean = (visible_patches * vis).sum((1, 2), keepdim=True) / n
+    v_var = (((visible_patches - v_mean) * vis).square()).sum((1, 2), keepdim=True) / (n - 1)
+    v_std = (v_var + PATCH_NORM_EPS).sqrt()
+    ok = torch.isfinite(mean) & torch.isfinite(std)
+    return torch.where(ok, mean, v_mean), torch.where(ok, std, v_std)
 
 
 class SparK(nn.Module):
@@ -146,7 +172,10 @@ class SparK(nn.Module):
         """
         grid = self._check_input(x)
         self._check_explicit_mask(mask, x, grid)
-        features = self.encoder(x, mask)
+        # Select rather than multiply: 0 * NaN is NaN, so a non-finite pixel inside a masked patch
+        # would otherwise reach every feature. Finite inputs give the same zeros as the encoder's own
+        # input multiply, so results are unchanged.
+        features = self.encoder(hide_masked(x, mask), mask)
         if len(features) != len(self.densify):
             raise SparsifyError(
                 f"the encoder returned {len(features)} feature maps but reports {len(self.densify)} scales"
@@ -198,12 +227,13 @@ class SparK(nn.Module):
         pred = self.predict(x, mask).float()
         xf = x.float()
         r = self.downsample_ratio
-        mean, std = patch_statistics(patchify(xf, r))
-        recon = unpatchify(patchify(pred, r) * std + mean, r, self.in_chans, grid)
         pixel_mask = repeat_mask(mask, x.shape[-2:])
+        masked = hide_masked(xf, mask)
+        mean, std = _display_statistics(patchify(xf, r), patchify(masked, r), mask)
+        recon = unpatchify(patchify(pred, r) * std + mean, r, self.in_chans, grid)
         return {
             "input": xf,
-            "masked": xf * pixel_mask,
+            "masked": masked,
             "reconstruction": recon,
             "composite": torch.where(pixel_mask, xf, recon),
             "mask": pixel_mask,

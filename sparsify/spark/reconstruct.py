@@ -1,4 +1,7 @@
-"""Write SparK reconstructions as one grid picture: a row per sample, input | masked | composite."""
+"""Write SparK reconstructions as one grid picture: a row per sample, input | masked | composite.
+
+Optionally a header row names each column, so a picture read on its own says what it shows.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,47 @@ from PIL import Image
 
 from ..errors import SparsifyError
 
-__all__ = ["save_reconstructions"]
+__all__ = ["COLUMN_LABELS", "save_reconstructions"]
 
 _MASK_GREY = 0.5
+
+#: Header text for each column key of :meth:`SparK.reconstruct`'s output.
+COLUMN_LABELS = {
+    "input": "input",
+    "masked": "masked input",
+    "reconstruction": "prediction",
+    "composite": "prediction in visible input",
+}
+
+
+def _wrap_words(text: str, width: int, measure) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide (a long word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and measure(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _header(texts: Sequence[str], tile_w: int, pad: int, total_w: int) -> np.ndarray:
+    """A white (h, total_w, 3) float strip with each text centred above its column."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = lambda t: font.getbbox(t)[2] - font.getbbox(t)[0]
+    line_h = max(1, font.getbbox("Ag")[3] - font.getbbox("Ag")[1]) + 2
+    wrapped = [_wrap_words(t, tile_w, measure) for t in texts]
+    height = pad + line_h * max(len(w) for w in wrapped) + 2
+    strip = Image.new("RGB", (total_w, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for j, lines in enumerate(wrapped):
+        x0 = pad + j * (tile_w + pad)
+        for k, line in enumerate(lines):
+            x = x0 + max(0, (tile_w - measure(line)) // 2)
+            draw.text((x, pad + k * line_h), line, fill=(0, 0, 0), font=font)
+    return np.asarray(strip, dtype=np.float32) / 255.0
 
 
 def _to_display(img: torch.Tensor) -> torch.Tensor:
@@ -35,6 +76,7 @@ def save_reconstructions(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     padding: int = 2,
+    labels: bool | Sequence[str] = False,
 ) -> Path:
     """Save the output of :meth:`SparK.reconstruct` as a grid image (PNG unless the suffix says otherwise).
 
@@ -51,6 +93,8 @@ def save_reconstructions(
         max_images: at most this many rows (the first samples).
         mean, std: per-channel normalisation to undo for display.
         padding: white pixels between tiles.
+        labels: ``True`` adds a header row naming each column (:data:`COLUMN_LABELS`); a sequence gives
+            one text per column instead.
 
     Returns:
         the written path.
@@ -99,6 +143,11 @@ def save_reconstructions(
                 tile = torch.where(visible, tile, torch.full_like(tile, _MASK_GREY))
             y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y0 : y0 + h, x0 : x0 + w] = tile.numpy()
+    if labels is not False and labels is not None:
+        texts = [COLUMN_LABELS.get(c, c) for c in columns] if labels is True else [str(t) for t in labels]
+        if len(texts) != k:
+            raise SparsifyError(f"labels needs one text per column ({k}), got {len(texts)}")
+        canvas = np.concatenate([_header(texts, w, pad, canvas.shape[1]), canvas], axis=0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray((canvas * 255.0 + 0.5).astype(np.uint8), mode="RGB")

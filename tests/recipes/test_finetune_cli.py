@@ -100,3 +100,93 @@ def test_finetune_errors(labelled_folder: Path, tmp_path: Path, capsys: pytest.C
     assert code == 2 and "another architecture" in err and "Traceback" not in err
     assert finetune.main(["--data", str(tmp_path / "nope"), *COMMON]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _export_tiny(tmp_path: Path, name: str = "exported.safetensors", model_spec: str = TINY) -> Path:
+    """A backbone written by export_backbone, as pretraining writes it (header included)."""
+    import sparsify
+
+    model = build_model(model_spec)
+    enc = sparsify.wrap(model, input_size=(32, 32))
+    return sparsify.export_backbone(enc, tmp_path / name, model=model_spec)
+
+
+def test_backbone_header_replaces_model_flags(
+    labelled_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backbone = _export_tiny(tmp_path)
+    out = tmp_path / "ft"
+    args = ["--data", str(labelled_folder), "--init", str(backbone), "--batch-size", "4", "--workers", "0"]
+    code = finetune.main([*args, "--steps", "2", "--no-tensorboard", "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert f"fine-tune of {TINY}" in stdout and "32 px" in stdout  # model and input size from the header
+    assert (out / "checkpoints" / "ckpt-00000002.pt").is_file()
+    # without a header, --model is required (it used to default to resnet50 silently)
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v for k, v in build_model(TINY).state_dict().items() if not k.startswith("fc.")}, str(plain))
+    assert finetune.main([*args, "--init", str(plain), "--steps", "1", "--out", str(tmp_path / "p")]) == 2
+    assert "pass --model" in capsys.readouterr().err
+
+
+def test_backbone_of_a_deeper_model_is_refused(
+    labelled_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    state = {k: v for k, v in build_model(TINY).state_dict().items() if not k.startswith("fc.")}
+    state["stages.4.0.weight"] = torch.zeros(32, 32, 3, 3)  # one more block than the model has
+    deeper = tmp_path / "deeper.safetensors"
+    save_file(state, str(deeper))
+    args = ["--data", str(labelled_folder), "--init", str(deeper), *COMMON, "--steps", "1"]
+    assert finetune.main([*args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "tensors the model lacks" in err and "stages.4.0.weight" in err
+
+
+def test_finetune_sigterm_then_resume_equals_uninterrupted(
+    labelled_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    from safetensors.torch import load_file
+    from sparsify.recipes import finetune_loop
+    from sparsify.recipes.run_folder import RunFolder
+
+    backbone = _export_tiny(tmp_path)
+    args = [*["--data", str(labelled_folder), "--init", str(backbone), *COMMON], "--epochs", "2", "--base-lr", "0.1"]
+    args += ["--drop-path", "0.1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert finetune.main([*args, "--out", str(straight)]) == 0
+
+    real_step = finetune_loop.Finetuner.train_step
+    calls = {"n": 0}
+
+    def step_then_sigterm(self: finetune_loop.Finetuner, batch: object, epoch: int) -> tuple[float, int]:
+        calls["n"] += 1
+        if calls["n"] == 4:  # in the middle of the second epoch, as a scheduler would
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(self, batch, epoch)
+
+    monkeypatch.setattr(finetune_loop.Finetuner, "train_step", step_then_sigterm)
+    assert finetune.main([*args, "--out", str(stopped)]) == 130
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
+    monkeypatch.undo()
+    with RunFolder(stopped):  # while a run holds the folder, a second one is refused
+        assert finetune.main([*args, "--out", str(stopped)]) == 2
+    assert "another run is using" in capsys.readouterr().err
+    assert finetune.main([*args, "--out", str(stopped)]) == 0
+    assert "at step 4" in capsys.readouterr().out
+    a, b = load_file(str(straight / "final.safetensors")), load_file(str(stopped / "final.safetensors"))
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    assert not torch_equal(a["stages.0.0.weight"], load_file(str(backbone))["stages.0.0.weight"])  # it did train
+    ma, mb = metrics(straight), metrics(stopped)
+    assert [r["step"] for r in mb] == [1, 2]
+    for ra, rb in zip(ma, mb):
+        assert ra["top1"] == rb["top1"] and ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
+
+
+def torch_equal(a: object, b: object) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))  # type: ignore[arg-type]

@@ -56,3 +56,61 @@ def test_rng_state_round_trip_weights_only(tmp_path: Path) -> None:
     again = (torch.rand(3), random.random(), np.random.rand(), torch.rand(3, generator=g))
     assert torch.equal(first[0], again[0]) and first[1] == again[1] and first[2] == again[2]
     assert torch.equal(first[3], again[3])
+
+
+def flip_tensor_byte(path: Path) -> None:
+    """Flip one bit in the middle of the largest tensor stored in a torch checkpoint (it still unpickles)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    header = info.header_offset
+    name_len = int.from_bytes(raw[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(raw[header + 28 : header + 30], "little")
+    raw[header + 30 + name_len + extra_len + info.file_size // 2] ^= 0x08
+    path.write_bytes(bytes(raw))
+
+
+def _sealed(step: int, fill: float = 1.0) -> dict:
+    state = _state(step)
+    state["model"] = {"w": torch.linspace(0, 1, 64), "running_var": torch.full((8,), fill)}
+    state["optimizer"] = {"state": {0: {"exp_avg": torch.zeros(64)}}, "param_groups": [{"lr": 0.1}]}
+    return ckpt.seal(state)
+
+
+def test_flipped_bytes_are_detected_and_the_previous_checkpoint_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for s in (1, 2):
+        ckpt.atomic_save(_sealed(s), ckpt.checkpoint_path(tmp_path, s))
+    damaged = ckpt.checkpoint_path(tmp_path, 2)
+    flip_tensor_byte(damaged)
+    torch.load(damaged, weights_only=True)  # the damage is silent to torch itself
+    state, used = ckpt.load_checkpoint(damaged)
+    assert state["step"] == 1 and used.name == "ckpt-00000001.pt"
+    assert "ckpt-00000002.pt' is damaged" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="damaged"):
+        ckpt.load_checkpoint(damaged, fallback=False)
+
+
+def test_nonfinite_checkpoint_is_not_resumed_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt.atomic_save(_sealed(1), ckpt.checkpoint_path(tmp_path, 1))
+    ckpt.atomic_save(_sealed(2, fill=float("inf")), ckpt.checkpoint_path(tmp_path, 2))  # written by an old version
+    state, used = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2))
+    assert state["step"] == 1
+    assert "non-finite values" in capsys.readouterr().err
+
+
+def test_content_digest_sees_every_part() -> None:
+    base = _sealed(3)
+    assert ckpt.content_digest(base) == base["checksum"]
+    for change in (
+        lambda s: s["model"]["w"].__setitem__(5, 0.5),
+        lambda s: s["optimizer"]["param_groups"][0].__setitem__("lr", 0.2),
+        lambda s: s.__setitem__("step", 4),
+        lambda s: s["model"].__setitem__("w", s["model"]["w"].double()),
+    ):
+        other = _sealed(3)
+        change(other)
+        assert ckpt.content_digest(other) != base["checksum"]

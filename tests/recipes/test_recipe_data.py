@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _recipe_helpers import make_image_folder
@@ -147,3 +148,55 @@ def test_parse_size() -> None:
     for bad in ("0", "a", "1x2x3", "-4"):
         with pytest.raises(RecipeError):
             parse_size(bad)
+
+
+def test_symlink_loops_visit_each_real_folder_once(tmp_path: Path) -> None:
+    # Before: one loop counted every image ~40 times (until ELOOP), two loops walked for hours.
+    root = make_image_folder(tmp_path / "d", n=6, corrupt=0)
+    (root / "class0" / "up").symlink_to(root, target_is_directory=True)  # loop 1: back to the top
+    (root / "class1" / "sideways").symlink_to(root / "class0", target_is_directory=True)  # loop 2 + a twin
+    (root / "class1" / "dangling").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    found = find_images(root)
+    assert len(found) == 6
+    assert len({p.resolve() for p in found}) == 6
+
+
+def _png16(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey or RGB) written by hand: PIL cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2 if arr.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind", ["grey.png", "grey.tif", "rgb.png"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_keep_their_range(kind: str, channels: int, tmp_path: Path) -> None:
+    # Before: a 16-bit grey image was clipped at 255 of 65535, i.e. saturated to white.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shape = (20, 30, 3) if kind.startswith("rgb") else (20, 30)
+    arr = (rng.random(shape) * 40000 + 5000).astype(np.uint16)
+    path = tmp_path / f"img16-{kind}"
+    if kind == "rgb.png":
+        path.write_bytes(_png16(arr))
+    else:
+        Image.fromarray(arr).save(path)
+    img = load_image(path, channels)
+    assert img.shape == (channels, 20, 30)
+    want = torch.from_numpy(arr.astype("float32") / 65535.0)
+    want = want.permute(2, 0, 1) if want.ndim == 3 else want[None]
+    if channels == 1 and want.shape[0] == 3:
+        want = (want * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    elif channels == 3 and want.shape[0] == 1:
+        want = want.expand(3, -1, -1)
+    assert torch.allclose(img, want, atol=2.5 / 255)  # PIL reduces 16-bit RGB to 8 bits per channel
+    assert 0.05 < float(img.mean()) < 0.75

@@ -148,7 +148,10 @@ def test_densify_repeats_a_coarse_mask_to_the_feature_resolution():
 
 
 def test_projection_kinds():
-    assert isinstance(Densify(8, 8, "batch", coarsest=False).proj, nn.Identity)
+    # the official SparK: identity only at the coarsest scale when widths match; finer scales keep a 3x3
+    assert isinstance(Densify(8, 8, "batch", coarsest=True).proj, nn.Identity)
+    same = Densify(8, 8, "batch", coarsest=False).proj
+    assert isinstance(same, nn.Conv2d) and same.kernel_size == (3, 3) and same.out_channels == 8
     p1 = Densify(16, 8, "batch", coarsest=True).proj
     p3 = Densify(16, 8, "batch", coarsest=False).proj
     assert isinstance(p1, nn.Conv2d) and p1.kernel_size == (1, 1)

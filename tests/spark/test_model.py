@@ -62,7 +62,10 @@ def test_densify_norm_auto_follows_encoder():
 
 def test_densify_widths_and_kernels():
     spark = _spark(width=64)  # encoder widths 64, 32, 16, 8 (coarse first) match the decoder's
-    assert all(isinstance(d.proj, nn.Identity) for d in spark.densify)
+    # as in the official SparK: identity only at the coarsest scale; finer scales keep their 3x3
+    assert isinstance(spark.densify[0].proj, nn.Identity)
+    assert all(d.proj.kernel_size == (3, 3) for d in spark.densify[1:])
+    assert [d.proj.out_channels for d in spark.densify[1:]] == [32, 16, 8]
     spark = _spark(width=128)
     assert spark.densify[0].proj.kernel_size == (1, 1)
     assert spark.densify[0].proj.out_channels == 128

@@ -48,3 +48,21 @@ def test_options(tmp_path):
         save_reconstructions(out, tmp_path / "r.png", mean=(0.5,), std=(0.5,))
     with pytest.raises(SparsifyError, match="SparK.reconstruct"):
         save_reconstructions({"x": out["input"]}, tmp_path / "r.png")
+
+
+def test_labelled_columns_add_a_header(tmp_path):
+    torch.manual_seed(0)
+    spark = SparK(ToyEncoder(3, (8, 16), (4, 8)), decoder_width=16).eval()
+    out = spark.reconstruct(torch.randn(2, 3, 32, 32))
+    cols = ("input", "masked", "reconstruction", "composite")
+    plain = np.asarray(Image.open(save_reconstructions(out, tmp_path / "a.png", columns=cols)))
+    labelled = np.asarray(Image.open(save_reconstructions(out, tmp_path / "b.png", columns=cols, labels=True)))
+    extra = labelled.shape[0] - plain.shape[0]
+    assert extra > 8 and labelled.shape[1] == plain.shape[1]
+    np.testing.assert_array_equal(labelled[extra:], plain)  # the images themselves are unchanged
+    header = labelled[:extra]
+    for j in range(len(cols)):  # some dark text above every column
+        x0 = 2 + j * (32 + 2)
+        assert (header[:, x0 : x0 + 32] < 100).any(), cols[j]
+    with pytest.raises(SparsifyError, match="one text per column"):
+        save_reconstructions(out, tmp_path / "c.png", columns=cols, labels=["a"])

@@ -1,0 +1,172 @@
+"""A k-NN representation monitor: how well do the encoder's pooled features separate labelled images?
+
+The signal self-supervised users watch during pretraining (DINO and lightly report it): embed a small
+labelled set with the encoder as it is now (whole image visible, ``mask=None``, eval mode), globally
+average-pool the coarsest feature map, L2-normalise, and classify each image by a similarity-weighted
+vote of its k nearest neighbours. ``DIR/train`` + ``DIR/val`` are used as bank and queries when both
+exist; otherwise every image is a query against all the others (leave-one-out), so a single small
+held-out folder is enough.
+
+Images are decoded and centre-cropped once, when the monitor is built; an evaluation is then one
+forward pass of the encoder over them (no decoder, no gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import RecipeError, warn
+
+__all__ = ["KnnMonitor", "knn_top1", "pooled_features"]
+
+#: images read from a k-NN folder at most (a monitor must stay cheap; a few hundred are plenty)
+MAX_IMAGES = 2000
+
+
+def knn_top1(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor | None = None,
+    query_labels: torch.Tensor | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    """Top-1 accuracy of weighted k-NN classification on L2-normalised features.
+
+    Each neighbour votes for its label with weight ``exp(cosine / temperature)`` (as in DINO's k-NN
+    evaluation). Without ``queries`` the bank is classified leave-one-out: an image never votes for itself.
+
+    Args:
+        bank: (N, D) features of the labelled reference images; bank_labels: (N,) int labels.
+        queries, query_labels: (M, D) and (M,) to classify; ``None`` = leave-one-out on the bank.
+        k: neighbours (capped at the number available).
+        temperature: softness of the similarity weights.
+    """
+    bank = F.normalize(bank.float(), dim=1)
+    loo = queries is None
+    q = bank if loo else F.normalize(queries.float(), dim=1)
+    q_labels = bank_labels if loo else query_labels
+    if q_labels is None or q.shape[0] == 0:
+        raise RecipeError("k-NN accuracy needs labelled query images")
+    classes = int(max(int(bank_labels.max()), int(q_labels.max()))) + 1
+    available = bank.shape[0] - (1 if loo else 0)
+    k = max(1, min(int(k), available))
+    correct = 0
+    for lo in range(0, q.shape[0], 1024):  # bounded memory for the similarity matrix
+        sim = q[lo : lo + 1024] @ bank.T
+        if loo:
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + lo] = -math.inf  # never one's own neighbour
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], classes, device=sim.device)
+        votes.scatter_add_(1, bank_labels[idx], (top / temperature).exp())
+        correct += int((votes.argmax(1) == q_labels[lo : lo + 1024]).sum())
+    return correct / q.shape[0]
+
+
+@torch.no_grad()
+def pooled_features(
+    encoder: nn.Module, images: torch.Tensor, batch: int, device: torch.device, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Global average of the coarsest feature map of ``encoder(x)`` (mask None) for every image: (N, C)."""
+    out = []
+    for lo in range(0, images.shape[0], batch):
+        x = images[lo : lo + batch].to(device, non_blocking=True)
+        if autocast_dtype is not None:
+            with torch.autocast(device.type, dtype=autocast_dtype):
+                feats = encoder(x)
+        else:
+            feats = encoder(x)
+        out.append(feats[-1].float().mean(dim=(2, 3)))
+    return torch.cat(out)
+
+
+def _read(root: Path, size: tuple[int, int], channels: int, mean, std) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from .data import find_labelled_images, load_image
+    from .finetune import CenterCrop
+
+    paths, labels, classes = find_labelled_images(root)
+    if len(paths) > MAX_IMAGES:  # an even spread over the classes, not the first ones only
+        step = len(paths) / MAX_IMAGES
+        keep = [int(i * step) for i in range(MAX_IMAGES)]
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    crop = CenterCrop(size, mean=mean, std=std)
+    images, kept = [], []
+    for p, lab in zip(paths, labels):
+        try:
+            images.append(crop(load_image(p, channels)))
+        except Exception:  # noqa: BLE001 - an unreadable file is skipped, like in the training data
+            continue
+        kept.append(lab)
+    if len(images) < 2:
+        raise RecipeError(f"--knn-data '{root}': fewer than two readable images")
+    if len(images) < len(paths):
+        warn(f"--knn-data '{root}': skipped {len(paths) - len(images)} unreadable image(s)")
+    return torch.stack(images), torch.tensor(kept), classes
+
+
+class KnnMonitor:
+    """k-NN top-1 accuracy of an encoder's pooled features on a labelled ImageFolder.
+
+    Args:
+        root: ImageFolder (one sub-folder per class), or a folder holding ``train/`` and ``val/`` ones.
+        input_size: (H, W) the images are centre-cropped to.
+        channels: image channels the encoder takes.
+        mean, std: the training normalisation.
+        k: neighbours; temperature: similarity weighting (see :func:`knn_top1`).
+        batch: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        input_size: tuple[int, int],
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        k: int = 20,
+        temperature: float = 0.07,
+        batch: int = 64,
+    ) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise RecipeError(f"--knn-data '{root}' does not exist or is not a folder (a labelled ImageFolder)")
+        self.k, self.temperature, self.batch = int(k), float(temperature), max(1, int(batch))
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            self.bank, self.bank_labels, classes = _read(root / "train", input_size, channels, mean, std)
+            self.queries, self.query_labels, val_classes = _read(root / "val", input_size, channels, mean, std)
+            if val_classes != classes:
+                raise RecipeError(f"--knn-data '{root}': train/ and val/ have different class folders")
+            self.description = f"{len(self.bank)} + {len(self.queries)} images (train/val), {len(classes)} classes"
+        else:
+            self.bank, self.bank_labels, classes = _read(root, input_size, channels, mean, std)
+            self.queries = self.query_labels = None
+            self.description = f"{len(self.bank)} images, {len(classes)} classes, leave-one-out"
+        self.classes = classes
+
+    @property
+    def num_images(self) -> int:
+        return len(self.bank) + (0 if self.queries is None else len(self.queries))
+
+    def evaluate(self, encoder: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None = None) -> float:
+        """k-NN top-1 accuracy (0..1) of ``encoder`` now; runs it in eval mode and restores its mode."""
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            bank = pooled_features(encoder, self.bank, self.batch, device, autocast_dtype)
+            queries = (
+                None
+                if self.queries is None
+                else pooled_features(encoder, self.queries, self.batch, device, autocast_dtype)
+            )
+            labels = self.bank_labels.to(bank.device)
+            q_labels = None if self.query_labels is None else self.query_labels.to(bank.device)
+            return knn_top1(bank, labels, queries, q_labels, self.k, self.temperature)
+        finally:
+            encoder.train(was_training)

@@ -1,0 +1,219 @@
+"""Reporting of a pretraining run: console lines, reconstruction pictures, the final outputs and summary."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .cli import format_size, warn
+from .config import PROG
+from .logs import plot_loss_curve, read_metrics
+from .optim import betas_for_norm
+
+if TYPE_CHECKING:
+    from .train_loop import Pretrainer
+
+__all__ = [
+    "say",
+    "silent",
+    "vis_batch",
+    "write_reconstructions",
+    "finish_outputs",
+    "header",
+    "summary",
+    "checkpoint_bytes",
+]
+
+#: columns of the reconstruction pictures: input | masked input | prediction | prediction in the visible input
+RECON_COLUMNS = ("input", "masked", "reconstruction", "composite")
+
+
+def checkpoint_bytes(t: Pretrainer) -> int:
+    """Approximate size of one checkpoint: parameters and buffers, plus the optimiser's two moments."""
+    spark = dist_utils.unwrap(t.spark)
+    params = sum(p.numel() * p.element_size() for p in spark.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in spark.buffers())
+    return 3 * params + buffers
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def say(message: str = "", file: Any = None) -> None:
+    """Print a line without breaking an active tqdm progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=file if file is not None else sys.stdout)
+
+
+def silent(message: str = "", file: Any = None) -> None:
+    """``say`` on ranks other than 0."""
+
+
+def vis_batch(t: Pretrainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Fixed images and masks for the reconstruction pictures (the same at the start and the end)."""
+    n = min(t.cfg.vis_images, len(t.dataset), 16)
+    if n <= 0:
+        return None
+    saved_epoch = t.dataset.epoch
+    t.dataset.set_epoch(-1)
+    idx = torch.linspace(0, len(t.dataset) - 1, n).round().long().tolist()
+    x = torch.stack([t.dataset[i][0] for i in idx])
+    t.dataset.set_epoch(saved_epoch)
+    g = torch.Generator().manual_seed(t.cfg.seed + 4242)
+    from sparsify.masking import random_mask
+
+    mask = random_mask(n, t.grid, t.mask_ratio, generator=g)
+    return x, mask
+
+
+def write_reconstructions(t: Pretrainer, name: str) -> Path | None:
+    """Write a reconstruction grid to ``<out>/<name>`` (main process); a failure only warns."""
+    if not t.env.is_main or t.vis is None:
+        return None
+    spark = dist_utils.unwrap(t.spark)
+    was_training = spark.training
+    spark.eval()
+    try:
+        x, mask = t.vis
+        x = x.to(t.env.device)
+        mask = mask.to(t.env.device)
+        if t.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = spark.reconstruct(x, mask=mask)
+        path = t.save_reconstructions(
+            out, t.out / name, columns=RECON_COLUMNS, mean=t.mean, std=t.std, labels=True
+        )
+    except Exception as err:  # noqa: BLE001 - pictures must never lose a run
+        warn(f"could not write {name}: {type(err).__name__}: {err}")
+        path = None
+    finally:
+        spark.train(was_training)
+    return path
+
+
+def finish_outputs(t: Pretrainer) -> dict[str, Path]:
+    """Export the backbone, the final pictures and the loss curve; returns what was written."""
+    written: dict[str, Path] = {}
+    if not t.env.is_main:
+        return written
+    backbone = t.out / "backbone.safetensors"
+    tmp = t.out / f".backbone.tmp-{os.getpid()}.safetensors"
+    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=t.cfg.model)  # the header names the model
+    os.replace(tmp, backbone)
+    written["backbone"] = backbone
+    end = write_reconstructions(t, "recon_end.png")
+    if end is not None:
+        written["recon_end"] = end
+        if t.logger is not None:
+            t.logger.add_image("reconstructions/end", end, t.total_steps)
+    curve = plot_loss_curve(
+        read_metrics(t.out / "metrics.jsonl"),
+        t.out / "loss_curve.png",
+        title=f"SparK pretraining of {t.cfg.model}",
+    )
+    if curve is not None:
+        written["loss_curve"] = curve
+    return written
+
+
+def header(t: Pretrainer, start: int) -> None:
+    """The lines printed before training: data, SparK geometry, schedule, hardware, run folder."""
+    cfg = t.cfg
+    procs = f"{t.env.world_size} processes" if t.env.distributed else "1 process"
+    epochs = t.total_steps / t.steps_per_epoch
+    t.say(f"{PROG}: {cfg.model} on {t.data_desc}, {format_size(cfg.input_size)} px")
+    t.say(
+        f"  SparK: patch {cfg.input_size[0] // t.grid[0]} px -> "
+        f"{t.grid[0]}x{t.grid[1]} patches, "
+        f"mask ratio {t.mask_ratio} ({t.visible} visible), decoder width {cfg.decoder_width}"
+    )
+    if cfg.lr is not None:
+        rule = "set by --lr"
+    else:
+        factor = f"sqrt({cfg.batch_size}/256)" if cfg.lr_rule == "sqrt" else f"{cfg.batch_size}/256"
+        rule = f"{cfg.base_lr:g} x {factor}"
+        if cfg.min_lr:
+            rule = f"max({rule}, {cfg.min_lr:g})"
+    t.say(
+        f"  {t.total_steps} steps (~{epochs:.3g} epochs of {t.steps_per_epoch} steps), "
+        f"{t.plan.describe(t.env.world_size)}, peak lr {t.peak_lr:.3g} ({rule}), warm-up {t.warmup_steps} steps, "
+        f"{cfg.opt} betas {betas_for_norm(t.norm_type)}, wd {cfg.weight_decay}->{cfg.weight_decay_end}, "
+        f"drop path {t.drop_path}"
+    )
+    t.say(
+        f"  {cfg.precision}{' channels_last' if cfg.channels_last else ''}"
+        f"{' compiled' if cfg.compile else ''} on {t.env.device}, {procs}, "
+        f"{t.workers} data workers; "
+        f"out: {t.out}"
+    )
+    size = checkpoint_bytes(t)
+    keep = "all" if cfg.keep == 0 else str(cfg.keep)
+    t.say(
+        f"  checkpoints: ~{_megabytes(size)} each (model and optimiser state), every {t.save_every} steps, "
+        f"keeping {keep}{f' (~{_megabytes(size * cfg.keep)})' if cfg.keep else ''}"
+    )
+    if t.knn is not None:
+        t.say(f"  k-NN monitor: {t.knn.description} from '{cfg.knn_data}', k={cfg.knn_k}, {t.knn_schedule()}")
+    if start:
+        t.say(f"  resuming from {t.resume_from} at step {start}")
+    if cfg.preset == "demo" and cfg.data is None:
+        t.say(
+            "  (no --data: the quick demo settings. For real runs pass --data DIR; the defaults then follow "
+            "the SparK paper (resnet50, 224 px, 1600 epochs, decoder width 768) at the batch this machine "
+            "holds; --preset paper for the paper's batch 4096)"
+        )
+
+
+def summary(t: Pretrainer, outputs: dict[str, Path], losses: list[tuple[int, float]]) -> None:
+    """The lines printed after training: the loss, skipped files, the outputs and how to load them."""
+    if not t.env.is_main:
+        return
+    if losses:
+        first_step, first = losses[0]
+        last_step, last = losses[-1]
+        tail = [v for _, v in losses[-10:]]
+        head = [v for _, v in losses[:10]]
+        t.say(
+            f"loss: first {first:.4f} (step {first_step}) -> last {last:.4f} (step {last_step}); "
+            f"mean of first {len(head)}: {sum(head) / len(head):.4f}, of last {len(tail)}: "
+            f"{sum(tail) / len(tail):.4f}"
+        )
+    if t.knn_history:
+        (s0, a0), (s1, a1) = t.knn_history[0], t.knn_history[-1]
+        t.say(
+            f"k-NN top-1 ({t.knn.description}): {100 * a0:.1f}% at step {s0} -> {100 * a1:.1f}% at step {s1} "
+            f"({100 * (a1 - a0):+.1f} points)"
+        )
+    if t.skipped.count:
+        t.say(f"skipped {t.skipped.count} unreadable image file(s)")
+    latest = ckpt.latest_checkpoint(t.ckpt_dir)
+    t.say(f"outputs in {t.out}/:")
+    pictures = [n for n in ("recon_start.png", "recon_end.png") if (t.out / n).is_file()]
+    rows = [
+        ("backbone.safetensors", "pretrained weights of your model (original names, no head)"),
+        (str(latest.relative_to(t.out)) if latest else "checkpoints/", "full checkpoint (resume)"),
+        ("metrics.jsonl", "one JSON row per step"),
+        ("tensorboard/", f"TensorBoard events (tensorboard --logdir {t.out})"),
+        (", ".join(pictures), "reconstructions: input | masked | prediction | prediction in visible input"),
+        ("loss_curve.png", "loss against step"),
+    ]
+    for name, what in rows:
+        if name and (t.out / name.split(",")[0]).exists():
+            t.say(f"  {name:32s} {what}")
+    spec = t.cfg.model
+    if ":" not in spec or spec.startswith("timm:"):
+        name = spec.split(":", 1)[-1]
+        t.say(
+            f"load it: timm.create_model('{name}', pretrained=True, num_classes=0, "
+            f"pretrained_cfg_overlay=dict(file='{t.out / 'backbone.safetensors'}'))"
+            "  (num_classes=0: no head; pass your own class count for a new head)"
+        )
