@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsify.adapters  # noqa: F401  (registers the built-in rules)
-from sparsify.adapters.batch_norm import masked_batch_norm, masked_batch_norm_fn
+from sparsify.adapters.batch_norm import BATCH_NORM_FUNCTIONS
 from sparsify.adapters.group_norm import masked_group_norm, masked_group_norm_fn
 
 from ._grid import check_total_stride, unaligned_stem
@@ -150,7 +150,7 @@ def _norm_type(gm: fx.GraphModule) -> str | None:
             elif isinstance(m, nn.GroupNorm):
                 counts["group"] += 1
         elif node.op == "call_function":
-            if target in (F.batch_norm, masked_batch_norm, masked_batch_norm_fn):
+            if target is F.batch_norm or target in BATCH_NORM_FUNCTIONS:
                 counts["batch"] += 1
             elif target in (F.layer_norm,):
                 counts["layer"] += 1
