@@ -389,11 +389,11 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     try:
         chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
     except SparsifyError as error:
-        check_total_stride(model, gm, in_chans, size_a, error)
+        check_total_stride(model, gm, in_chans, size_a, error, names)
         raise
     ratio = chosen[-1][1].stride
     if size_a[0] % ratio or size_a[1] % ratio:
-        check_total_stride(model, gm, in_chans, size_a, None)
+        check_total_stride(model, gm, in_chans, size_a, None, names)
         raise SparsifyError(f"input_size {size_a} is not a multiple of the network's downsample ratio "
                             f"{ratio}; pass input_size as a multiple of {ratio}")
 
