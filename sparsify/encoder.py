@@ -60,8 +60,8 @@ def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, int])
             return chans, record_shapes(gm, _example(model, chans, size))
         except SparsifyError as e:
             error = error or e
-    raise SparsifyError(f"could not infer the number of input channels of {type(model).__name__} (tried "
-                        f"{candidates}); pass in_chans=... to sparsify.wrap.\nDetails: {error}")
+    # Every candidate failed: the first conv's count failed for another reason, so report that run.
+    raise error if error is not None else SparsifyError("could not infer in_chans; pass in_chans=...")
 
 
 @contextlib.contextmanager
