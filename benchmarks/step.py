@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         median = statistics.median(times[key])
         result[key] = {"step_s": median, "images_per_s": args.batch / median,
                        "peak_memory_mib": None if memory[key] is None else memory[key] / 2**20}
+        result[key]["all_step_s"] = times[key]  # in timing order: shows the spread a median hides
         result[key]["saved_for_backward_mib"] = saved[key] / 2**20
         result[key]["peak_rss_mib"] = rss[key] if rss else None
     result["ratio"] = result["sparse"]["step_s"] / result["dense"]["step_s"]
