@@ -13,6 +13,7 @@ import torch
 
 from ._kinds import common_layout, passthrough_nonspatial
 from ._registry import POOLED, Decision, Info, NodeView, Unsupported, register_rule
+from ._stats import mask_count
 
 __all__ = ["masked_mean", "masked_reduce"]
 
@@ -26,20 +27,28 @@ def _norm_dims(dim, ndim: int) -> tuple[int, ...]:
 
 
 def masked_mean(mask, input, dim=None, keepdim=False, *, dtype=None):
-    """Mean over active sites of the reduced dims (fp32 accumulation, no host sync)."""
+    """Mean over active sites of the reduced dims (fp32 accumulation or better, no host sync)."""
     if mask is None:
         return input.mean(dim, keepdim=keepdim, dtype=dtype) if dim is not None else input.mean(dtype=dtype)
-    dims = _norm_dims(dim, input.dim())
-    m = mask.to(input.dtype)
-    acc = torch.float32 if input.device.type == "mps" else torch.float64  # as in _stats.masked_sums
-    total = (input * m).sum(dims, keepdim=keepdim, dtype=acc)
-    count = mask.sum(dims, keepdim=keepdim, dtype=acc)
-    repeat = 1
-    for d in dims:
-        if mask.shape[d] == 1:
-            repeat *= input.shape[d]
-    out = total / (count * repeat).clamp_min(1.0)
-    return out.to(dtype or input.dtype)
+    return _mean_over_active(input * mask.to(input.dtype), mask, dim, keepdim, dtype)
+
+
+def _mean_of_zero_input(mask, input, dim=None, keepdim=False, *, dtype=None):
+    """:func:`masked_mean` of an input already zero at masked sites: the plain sum is the active sum."""
+    if mask is None:
+        return masked_mean(None, input, dim, keepdim, dtype=dtype)
+    return _mean_over_active(input, mask, dim, keepdim, dtype)
+
+
+def _mean_over_active(zeroed, mask, dim, keepdim, dtype):
+    # A sum over space is no variance: fp32 cascade sums are as exact as the native mean, no fp64 pass.
+    dims = _norm_dims(dim, zeroed.dim())
+    acc = torch.promote_types(dtype or zeroed.dtype, torch.float32)
+    total = zeroed.sum(dims, keepdim=keepdim, dtype=acc)
+    count = mask_count(zeroed, mask, dims, acc)
+    if not keepdim:
+        count = count.squeeze(dims)
+    return (total / count.clamp_min(1.0)).to(dtype or zeroed.dtype)
 
 
 def masked_reduce(fn: Callable, fill: float | None) -> Callable:
@@ -92,6 +101,8 @@ def _reduce_rule(masked: Callable, kind: str, dim_index: int = 1, dim_name: str 
         out = POOLED
         if kind in ("sum", "norm") and info.zero:
             return Decision(out=out)  # zeros at masked sites add nothing
+        if kind == "mean" and info.zero:  # only the count needs the mask (SE blocks after a masked BN)
+            return Decision(out=out, masked=_mean_of_zero_input, mask_of=x)
         return Decision(out=out, masked=masked, mask_of=x)
 
     return rule

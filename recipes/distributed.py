@@ -102,9 +102,19 @@ def _active() -> bool:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it."""
-    if _active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it.
+
+    Host-side tensors (the loop's flags and counters) travel through the GPU when the process group is
+    NCCL only: NCCL has no CPU path and would refuse them.
+    """
+    if not _active():
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        buf = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        tensor.copy_(buf.cpu())
+        return tensor
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

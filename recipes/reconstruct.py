@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _checkpoint_and_folder(run: str) -> tuple[Path, Path]:
     """(checkpoint file, run folder) for a run folder or a checkpoint file."""
-    from . import checkpoint as ckpt
-
     path = Path(run).expanduser()
+    if not path.exists():
+        raise RecipeError(f"'{run}' is neither a run folder nor a checkpoint file")
+    from . import checkpoint as ckpt  # imports torch: only once the path exists
+
     if path.is_dir():
         found = ckpt.latest_checkpoint(path / "checkpoints") or ckpt.latest_checkpoint(path)
         if found is None:

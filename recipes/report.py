@@ -19,7 +19,31 @@ from .optim import betas_for_norm
 if TYPE_CHECKING:
     from .train_loop import Pretrainer
 
-__all__ = ["say", "silent", "vis_batch", "write_reconstructions", "finish_outputs", "header", "summary"]
+__all__ = [
+    "say",
+    "silent",
+    "vis_batch",
+    "write_reconstructions",
+    "finish_outputs",
+    "header",
+    "summary",
+    "checkpoint_bytes",
+]
+
+#: columns of the reconstruction pictures: input | masked input | prediction | prediction in the visible input
+RECON_COLUMNS = ("input", "masked", "reconstruction", "composite")
+
+
+def checkpoint_bytes(t: Pretrainer) -> int:
+    """Approximate size of one checkpoint: parameters and buffers, plus the optimiser's two moments."""
+    spark = dist_utils.unwrap(t.spark)
+    params = sum(p.numel() * p.element_size() for p in spark.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in spark.buffers())
+    return 3 * params + buffers
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def say(message: str = "", file: Any = None) -> None:
@@ -65,7 +89,9 @@ def write_reconstructions(t: Pretrainer, name: str) -> Path | None:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             out = spark.reconstruct(x, mask=mask)
-        path = t.save_reconstructions(out, t.out / name, mean=t.mean, std=t.std)
+        path = t.save_reconstructions(
+            out, t.out / name, columns=RECON_COLUMNS, mean=t.mean, std=t.std, labels=True
+        )
     except Exception as err:  # noqa: BLE001 - pictures must never lose a run
         warn(f"could not write {name}: {type(err).__name__}: {err}")
         path = None
@@ -110,11 +136,17 @@ def header(t: Pretrainer, start: int) -> None:
         f"{t.grid[0]}x{t.grid[1]} patches, "
         f"mask ratio {t.mask_ratio} ({t.visible} visible), decoder width {cfg.decoder_width}"
     )
+    if cfg.lr is not None:
+        rule = "set by --lr"
+    else:
+        factor = f"sqrt({cfg.batch_size}/256)" if cfg.lr_rule == "sqrt" else f"{cfg.batch_size}/256"
+        rule = f"{cfg.base_lr:g} x {factor}"
+        if cfg.min_lr:
+            rule = f"max({rule}, {cfg.min_lr:g})"
     t.say(
-        f"  {t.total_steps} steps (~{epochs:.3g} epochs of {t.steps_per_epoch} steps), batch "
-        f"{cfg.batch_size}{f' ({cfg.accum} micro-steps)' if cfg.accum > 1 else ''}, peak lr "
-        f"{t.peak_lr:.3g}, warm-up {t.warmup_steps} steps, {cfg.opt} betas "
-        f"{betas_for_norm(t.norm_type)}, wd {cfg.weight_decay}->{cfg.weight_decay_end}, "
+        f"  {t.total_steps} steps (~{epochs:.3g} epochs of {t.steps_per_epoch} steps), "
+        f"{t.plan.describe(t.env.world_size)}, peak lr {t.peak_lr:.3g} ({rule}), warm-up {t.warmup_steps} steps, "
+        f"{cfg.opt} betas {betas_for_norm(t.norm_type)}, wd {cfg.weight_decay}->{cfg.weight_decay_end}, "
         f"drop path {t.drop_path}"
     )
     t.say(
@@ -123,13 +155,21 @@ def header(t: Pretrainer, start: int) -> None:
         f"{t.workers} data workers; "
         f"out: {t.out}"
     )
+    size = checkpoint_bytes(t)
+    keep = "all" if cfg.keep == 0 else str(cfg.keep)
+    t.say(
+        f"  checkpoints: ~{_megabytes(size)} each (model and optimiser state), every {t.save_every} steps, "
+        f"keeping {keep}{f' (~{_megabytes(size * cfg.keep)})' if cfg.keep else ''}"
+    )
+    if t.knn is not None:
+        t.say(f"  k-NN monitor: {t.knn.description} from '{cfg.knn_data}', k={cfg.knn_k}, {t.knn_schedule()}")
     if start:
         t.say(f"  resuming from {t.resume_from} at step {start}")
     if cfg.preset == "demo" and cfg.data is None:
         t.say(
-            "  (no --data: the quick demo settings. For real runs pass --data DIR; "
-            "the defaults then follow "
-            "the SparK paper: resnet50, 224 px, batch 4096, 1600 epochs, base lr 2e-4, decoder width 768)"
+            "  (no --data: the quick demo settings. For real runs pass --data DIR; the defaults then follow "
+            "the SparK paper (resnet50, 224 px, 1600 epochs, decoder width 768) at the batch this machine "
+            "holds; --preset paper for the paper's batch 4096)"
         )
 
 
@@ -147,6 +187,12 @@ def summary(t: Pretrainer, outputs: dict[str, Path], losses: list[tuple[int, flo
             f"mean of first {len(head)}: {sum(head) / len(head):.4f}, of last {len(tail)}: "
             f"{sum(tail) / len(tail):.4f}"
         )
+    if t.knn_history:
+        (s0, a0), (s1, a1) = t.knn_history[0], t.knn_history[-1]
+        t.say(
+            f"k-NN top-1 ({t.knn.description}): {100 * a0:.1f}% at step {s0} -> {100 * a1:.1f}% at step {s1} "
+            f"({100 * (a1 - a0):+.1f} points)"
+        )
     if t.skipped.count:
         t.say(f"skipped {t.skipped.count} unreadable image file(s)")
     latest = ckpt.latest_checkpoint(t.ckpt_dir)
@@ -157,7 +203,7 @@ def summary(t: Pretrainer, outputs: dict[str, Path], losses: list[tuple[int, flo
         (str(latest.relative_to(t.out)) if latest else "checkpoints/", "full checkpoint (resume)"),
         ("metrics.jsonl", "one JSON row per step"),
         ("tensorboard/", f"TensorBoard events (tensorboard --logdir {t.out})"),
-        (", ".join(pictures), "reconstructions: input | masked | composite"),
+        (", ".join(pictures), "reconstructions: input | masked | prediction | prediction in visible input"),
         ("loss_curve.png", "loss against step"),
     ]
     for name, what in rows:

@@ -45,8 +45,12 @@ def release_inherited_locks() -> None:
             pass
 
 
+def _is_disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def _disk_message(err: OSError) -> str:
-    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    if _is_disk_full(err):
         return "the disk is full (no space left on device)"
     return err.strerror or str(err)
 
@@ -70,9 +74,9 @@ class RunFolder:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
+            advice = "free some space" if _is_disk_full(err) else "fix the folder's permissions"
             raise RecipeError(
-                f"cannot write to the run folder '{self.out}': {_disk_message(err)}; "
-                "choose another --out or fix the folder's permissions"
+                f"cannot write to the run folder '{self.out}': {_disk_message(err)}; {advice} or choose another --out"
             ) from err
         finally:
             try:

@@ -23,6 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import report
+from .batching import CPU_MICRO_BATCH, DISTRIBUTED_MICRO_BATCH, PROBE_LIMIT, BatchPlan, largest_fitting, plan_batches
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RecipeError, format_size, warn
 from .config import PROG, PretrainConfig
 from .data import (
@@ -36,11 +37,12 @@ from .data import (
     estimate_channel_stats,
     find_images,
 )
+from .knn import KnnMonitor
 from .logs import RunLogger, progress
 from .models import build_model, default_drop_path, head_prefixes, load_init
 from .optim import create_optimizer, param_groups, set_lr_and_wd
 from .run_folder import RunFolder, release_inherited_locks
-from .schedules import lr_at, wd_at
+from .schedules import lr_at, peak_lr, wd_at
 from .stop import StopRequest
 
 __all__ = ["Pretrainer"]
@@ -116,6 +118,7 @@ class Pretrainer:
             files.probe()
             self.dataset = files
             self.data_desc = f"{len(paths)} images under '{cfg.data}'"
+        self.plan = self.plan_batches(len(self.dataset))
         self.sampler = GlobalBatchSampler(
             len(self.dataset), cfg.batch_size, self.env.world_size, self.env.rank, cfg.accum, cfg.seed
         )
@@ -132,6 +135,109 @@ class Pretrainer:
             worker_init_fn=_worker_init if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None,
         )
+
+    # ---- batch
+    def plan_batches(self, dataset_len: int) -> BatchPlan:
+        """Resolve the global batch, micro-batch and accumulation; record them in the config (checkpoints)."""
+        cfg = self.cfg
+        plan = plan_batches(
+            cfg.batch_size, self.env.world_size, dataset_len, self._micro_cap, cfg.micro_batch, cfg.accum
+        )
+        cfg.batch_size, cfg.accum = plan.global_batch, plan.accum
+        return plan
+
+    def _micro_cap(self, upper: int) -> int:
+        """The largest micro-batch <= ``upper`` this device holds (probed on CUDA; a fixed cap elsewhere)."""
+        if self.env.device.type != "cuda":
+            return min(upper, CPU_MICRO_BATCH)
+        if self.env.distributed:
+            # A probe that runs out of memory on one rank only would leave the others waiting in a
+            # SyncBatchNorm collective: under torchrun, take a safe default and say how to change it.
+            size = min(upper, DISTRIBUTED_MICRO_BATCH)
+            self.say(f"  micro-batch {size} per GPU (not probed under torchrun; set --micro-batch to change it)")
+            return size
+        size = largest_fitting(self._fits, min(upper, PROBE_LIMIT))
+        self.say(f"  micro-batch {size}: the most of {min(upper, PROBE_LIMIT)} tried that fits in device memory")
+        return size
+
+    def _fits(self, size: int) -> bool:
+        """Whether one SparK forward and backward of ``size`` images fits in CUDA memory (state restored)."""
+        spark, device = self.spark, self.env.device
+        buffers = list(spark.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.precision]
+        try:
+            x = torch.randn(size, self.in_chans, *self.cfg.input_size, device=device)
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                loss = spark(x)
+            loss.float().backward()
+            torch.cuda.synchronize(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            x = loss = None
+            spark.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
+            torch.cuda.empty_cache()
+
+    # ---- monitoring: k-NN accuracy and reconstruction pictures during the run
+    def build_knn(self) -> None:
+        """Read the --knn-data images once (main process); the others skip the monitor."""
+        cfg = self.cfg
+        self.knn: KnnMonitor | None = None
+        self.knn_history: list[tuple[int, float]] = []
+        self.knn_every = cfg.knn_every
+        self._knn_seconds = 0.0
+        self._step_times: list[float] = []
+        if cfg.knn_data and self.env.is_main:
+            self.knn = KnnMonitor(
+                cfg.knn_data, cfg.input_size, self.in_chans, self.mean, self.std, k=cfg.knn_k,
+                batch=self.plan.micro_batch,
+            )  # fmt: skip
+
+    def knn_schedule(self) -> str:
+        if self.knn_every:
+            return f"every {self.knn_every} steps and at the end"
+        return "at the start, the end, and at an interval measured to cost under 2% of the training time"
+
+    def evaluate_knn(self, step: int) -> None:
+        """Evaluate the k-NN monitor now (main process), log it and remember it for the summary."""
+        if self.knn is None:
+            return
+        t0 = time.perf_counter()
+        acc = self.knn.evaluate(dist_utils.unwrap(self.spark).encoder, self.env.device, self.autocast_dtype)
+        self._knn_seconds = time.perf_counter() - t0
+        self.knn_history.append((step, acc))
+        if self.logger is not None:
+            self.logger.log(step, {"knn_top1": acc, "knn_seconds": self._knn_seconds})
+
+    def after_step(self, step: int, start: int) -> None:
+        """Periodic monitoring after optimiser step ``step``: k-NN accuracy and TensorBoard pictures."""
+        if not self.env.is_main:
+            return
+        if self.knn is not None:
+            if self.knn_every is None:
+                # Choose the interval from measured costs: the first evaluation against the median step.
+                self._step_times.append(time.perf_counter())
+                if len(self._step_times) == 11:
+                    gaps = sorted(b - a for a, b in zip(self._step_times, self._step_times[1:]))
+                    per_step = gaps[len(gaps) // 2]
+                    self.knn_every = max(1, math.ceil(self._knn_seconds / (0.02 * max(per_step, 1e-6))))
+                    self.say(
+                        f"  k-NN monitor: one evaluation takes {self._knn_seconds:.2g} s, a step {per_step:.2g} s: "
+                        f"evaluating every {self.knn_every} steps (< 2% of training time)"
+                    )
+            if step == self.total_steps or (self.knn_every and (step - start) % self.knn_every == 0):
+                self.evaluate_knn(step)
+        if self.logger is not None and self.logger.writer is not None and step % self.vis_every == 0:
+            path = report.write_reconstructions(self, "recon_latest.png")
+            if path is not None:
+                self.logger.add_image("reconstructions", path, step)
 
     # ---- model
     def build_model(self) -> None:
@@ -196,7 +302,7 @@ class Pretrainer:
             if warmup > self.total_steps // 4 and "warmup" not in self.explicit:
                 warmup = self.total_steps // 4
         self.warmup_steps = min(warmup, self.total_steps)
-        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256.0
+        self.peak_lr = cfg.lr if cfg.lr is not None else peak_lr(cfg.base_lr, cfg.batch_size, cfg.lr_rule, cfg.min_lr)
         groups = param_groups(self.spark.named_parameters(), cfg.weight_decay)
         self.optimizer = create_optimizer(
             groups, lr=self.peak_lr, weight_decay=cfg.weight_decay, norm_type=self.norm_type, opt=cfg.opt
@@ -206,10 +312,11 @@ class Pretrainer:
             raise RecipeError("--precision fp16 needs a CUDA device; on CPU use --precision bf16 or fp32")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.flag_dtype = torch.float32 if self.env.device.type == "mps" else torch.float64  # MPS has no fp64
         if cfg.save_every is not None:
             self.save_every = cfg.save_every
-        else:
-            self.save_every = max(1, min(self.steps_per_epoch, 1000))
+        else:  # every epoch, but not more often than every 100 steps (small folders) nor less than every 1000
+            self.save_every = min(1000, max(self.steps_per_epoch, 100))
 
     # ---- checkpoints
     def save(self, step: int) -> Path | None:
@@ -289,6 +396,8 @@ class Pretrainer:
         if self.resume_state is not None:
             start = self.restore()  # restores every RNG stream as well
         self.vis = report.vis_batch(self) if env.is_main else None
+        self.vis_every = cfg.vis_every or max(1, self.total_steps // 10)
+        self.build_knn()
         report.header(self, start)
 
         self.logger = (
@@ -306,6 +415,7 @@ class Pretrainer:
             path = report.write_reconstructions(self, "recon_start.png")
             if path is not None and self.logger is not None:
                 self.logger.add_image("reconstructions/start", path, 0)
+        self.evaluate_knn(start)
 
         if start >= self.total_steps:
             self.say(
@@ -353,36 +463,41 @@ class Pretrainer:
                     set_lr_and_wd(self.optimizer, lr, wd)
                     backup = [b.detach().clone() for b in self.buffers]
                     loss_sum, images = self.train_step(model, it)
-                    flags = torch.tensor(
+                    loss_sum = torch.as_tensor(loss_sum, dtype=torch.float32, device=env.device)  # (float: tests)
+                    grad_norm_t = self.prepare_update()
+                    # Everything the step's decision needs, in ONE host read (the losses, the gradient norm
+                    # and the finiteness checks stay on the device until here): GPU work is not serialised
+                    # by per-micro-step reads. The flags are summed over ranks, so all decide alike.
+                    flags = torch.stack(
                         [
-                            loss_sum,
-                            0.0 if math.isfinite(loss_sum) else 1.0,
-                            1.0 if stop.reason else 0.0,
-                            float(images),
-                            0.0 if self._buffers_finite() else 1.0,
-                        ],
-                        dtype=torch.float64,
+                            loss_sum.detach().to(self.flag_dtype),
+                            (~torch.isfinite(loss_sum.detach())).to(self.flag_dtype),
+                            torch.tensor(1.0 if stop.reason else 0.0, dtype=self.flag_dtype, device=env.device),
+                            torch.tensor(float(images), dtype=self.flag_dtype, device=env.device),
+                            self._buffers_nonfinite().to(self.flag_dtype),
+                            (~torch.isfinite(grad_norm_t)).to(self.flag_dtype),
+                            grad_norm_t.detach().to(self.flag_dtype),
+                        ]
                     )
                     dist_utils.all_reduce_sum(flags)
-                    loss = float(flags[0]) / env.world_size
+                    vals = flags.tolist()
+                    loss = vals[0] / env.world_size
                     # A finite but huge loss can still overflow a running variance: that step is bad too.
-                    finite = flags[1].item() == 0 and flags[4].item() == 0
-                    grad_norm = self.apply_update() if finite else None
-                    step_done = grad_norm is not None
+                    # (fp16: the grad scaler itself skips steps with inf/NaN gradients and lowers its scale.)
+                    finite = vals[1] == 0 and vals[4] == 0 and (vals[5] == 0 or self.scaler is not None)
+                    grad_norm = vals[6] / env.world_size if finite else None
+                    step_done = finite
                     if step_done:
+                        self.apply_update()
                         bad_streak = 0
                         successes += 1
                     else:
-                        self.optimizer.zero_grad(set_to_none=True)
+                        self.discard_update()
                         with torch.no_grad():  # undo what the bad forward did to BatchNorm statistics
                             for b, saved in zip(self.buffers, backup):
                                 b.copy_(saved)
                         bad_streak += 1
-                        what = (
-                            "loss"
-                            if flags[1].item()
-                            else ("BatchNorm running statistics" if flags[4].item() else "gradients")
-                        )
+                        what = "loss" if vals[1] else ("BatchNorm running statistics" if vals[4] else "gradients")
                         if env.is_main:
                             warn(
                                 f"non-finite {what} at step {step + 1}; skipped this update and restored the "
@@ -405,7 +520,7 @@ class Pretrainer:
                     step += 1
                     if step_done:
                         now = time.perf_counter()
-                        ips = float(flags[3]) / max(1e-9, now - t_last)
+                        ips = vals[3] / max(1e-9, now - t_last)
                         t_last = now
                         if self.first_loss is None:
                             self.first_loss = loss
@@ -430,7 +545,9 @@ class Pretrainer:
                         t_last = time.perf_counter()
                         if env.is_main:
                             bar.update(1)
-                    stopping = bool(flags[2].item() > 0)
+                    if step_done:
+                        self.after_step(step, start)
+                    stopping = vals[2] > 0
                     periodic = (step % self.save_every == 0 or step == self.total_steps) and bad_streak == 0
                     if periodic or stopping:
                         self.save(step)
@@ -463,10 +580,10 @@ class Pretrainer:
             self.logger.close()
         return code
 
-    def train_step(self, model: nn.Module, it: Any) -> tuple[float, int]:
-        """Forward and backward over ``accum`` micro-batches; returns (mean loss, images on this rank)."""
+    def train_step(self, model: nn.Module, it: Any) -> tuple[torch.Tensor, int]:
+        """Forward and backward over ``accum`` micro-batches; returns (mean loss on the device, images here)."""
         cfg, env = self.cfg, self.env
-        total = 0.0
+        total: torch.Tensor | None = None
         images = 0
         for micro in range(cfg.accum):
             x, _, bad = next(it)
@@ -497,35 +614,38 @@ class Pretrainer:
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
-            total += float(loss.detach()) / cfg.accum
+            detached = loss.detach().float() / cfg.accum
+            total = detached if total is None else total + detached  # on the device: no host read here
             images += x.shape[0]
         return total, images
 
-    def _buffers_finite(self) -> bool:
-        """Whether every floating-point buffer (BatchNorm running statistics) is still finite."""
+    def _buffers_nonfinite(self) -> torch.Tensor:
+        """A device flag: whether some floating-point buffer (BatchNorm running statistics) is not finite."""
         floats = [b for b in self.buffers if b.is_floating_point()]
         if not floats:
-            return True
-        return bool(torch.isfinite(torch.cat([b.reshape(-1).float() for b in floats])).all())  # few kernels
+            return torch.zeros((), dtype=torch.bool, device=self.env.device)
+        return ~torch.isfinite(torch.cat([b.reshape(-1).float() for b in floats])).all()  # few kernels
 
-    def apply_update(self) -> float | None:
-        """Clip, step, zero; returns the gradient norm before clipping (``None``: non-finite, step skipped).
-
-        Gradients are already averaged across ranks here, so every rank takes the same decision.
-        """
+    def prepare_update(self) -> torch.Tensor:
+        """Average gradients over ranks (gloo), unscale (fp16) and clip; returns the pre-clip norm on the device."""
         if self.manual_sync:
             dist_utils.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.clip_grad if self.cfg.clip_grad and self.cfg.clip_grad > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        if self.scaler is None and not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
+        return torch.nn.utils.clip_grad_norm_(self.params, clip)
+
+    def apply_update(self) -> None:
+        """Optimiser step on the prepared gradients, then zero them."""
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+
+    def discard_update(self) -> None:
+        """Drop this step's gradients (a bad step); the grad scaler backs off as for an overflow."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # unscale_ ran: the scaler must be updated before its next use
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())

@@ -30,7 +30,9 @@ _LAZY = {
     "Stage": ".stages",
     "verify": ".verify",
 }
-_SUBMODULES = ("adapters", "analyse", "encoder", "masking", "rewrite", "spark", "stages", "testing", "trace", "verify")
+_SUBMODULES = (
+    "adapters", "analyse", "encoder", "masking", "modes", "rewrite", "spark", "stages", "testing", "trace", "verify"
+)
 
 __all__ = [
     "SparK",

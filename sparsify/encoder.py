@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -14,16 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsify.adapters  # noqa: F401  (registers the built-in rules)
-from sparsify.adapters.batch_norm import masked_batch_norm, masked_batch_norm_fn
+from sparsify.adapters.batch_norm import BATCH_NORM_FUNCTIONS
 from sparsify.adapters.group_norm import masked_group_norm, masked_group_norm_fn
 
+from ._grid import check_total_stride, unaligned_stem
+from ._model_link import share_modules, stage_modules
 from .analyse import analyse, eval_mode, record_shapes
 from .errors import SparsifyError
 from .masking import check_mask
 from .modes import live_mode_flags
 from .rewrite import build_dense_graph, build_sparse_graph
-from .stages import GraphNode, Stage, describe_nodes, discover_stages, node_stride
-from .trace import module_outputs, module_path, trace
+from .stages import GraphNode, Stage, describe_nodes, discover_stages
+from .trace import module_path, trace
 from .train_branches import cut_training_branches
 
 __all__ = ["wrap", "SparseEncoder", "graph_node_names"]
@@ -60,8 +61,8 @@ def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, int])
             return chans, record_shapes(gm, _example(model, chans, size))
         except SparsifyError as e:
             error = error or e
-    raise SparsifyError(f"could not infer the number of input channels of {type(model).__name__} (tried "
-                        f"{candidates}); pass in_chans=... to sparsify.wrap.\nDetails: {error}")
+    # Every candidate failed: the first conv's count failed for another reason, so report that run.
+    raise error if error is not None else SparsifyError("could not infer in_chans; pass in_chans=...")
 
 
 @contextlib.contextmanager
@@ -100,11 +101,16 @@ def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs, concr
         index = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
         node = list(train_gm.graph.nodes)[min(index, len(a) - 1)]
         where = module_path(node) or "<top level>"
+        # Never suggest the root model itself as a leaf: nothing would be left to rewrite.
+        fix = ("Pass leaf_modules=[<that module's class>] to keep it whole and register an adapter for it "
+               "(sparsify.register_adapter)." if where != "<top level>" else
+               f"The branch is in {type(model).__name__}.forward itself: move the mode-dependent code into a "
+               "submodule (then keep it whole with leaf_modules=[...] and an adapter), or pass self.training "
+               "as an argument to the function it calls (arguments are read live).")
         raise SparsifyError(
             f"the traced graph of {type(model).__name__} differs between train and eval mode, first at "
             f"node '{node.name}' in module '{where}' (Python code that branches on self.training). The "
-            "encoder would be frozen in one mode. Pass leaf_modules=[<that module's class>] to keep it whole "
-            "and register an adapter for it (sparsify.register_adapter)."
+            f"encoder would be frozen in one mode. {fix}"
         )
     live_mode_flags(train_gm, eval_gm, type(model).__name__, model)
     return eval_gm
@@ -148,7 +154,7 @@ def _norm_type(gm: fx.GraphModule) -> str | None:
             elif isinstance(m, nn.GroupNorm):
                 counts["group"] += 1
         elif node.op == "call_function":
-            if target in (F.batch_norm, masked_batch_norm, masked_batch_norm_fn):
+            if target is F.batch_norm or target in BATCH_NORM_FUNCTIONS:
                 counts["batch"] += 1
             elif target in (F.layer_norm,):
                 counts["layer"] += 1
@@ -313,6 +319,10 @@ def _adopt(owner: nn.Module, gm: fx.GraphModule) -> None:
         owner._parameters[name] = p
     for name, b in gm.named_buffers(recurse=False):
         owner._buffers[name] = b
+        if name.startswith("_tensor_constant"):
+            # A tensor made in forward from Python values (torch.tensor([...])): part of the code, not of
+            # the model's state, so the encoder's state_dict still loads strictly into the model.
+            owner._non_persistent_buffers_set.add(name)
     root = nn.Module()
     root._modules = owner._modules
     root._parameters = owner._parameters
@@ -383,11 +393,11 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     try:
         chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
     except SparsifyError as error:
-        _check_total_stride(model, gm, in_chans, size_a, error)
+        check_total_stride(model, gm, in_chans, size_a, error, names)
         raise
     ratio = chosen[-1][1].stride
     if size_a[0] % ratio or size_a[1] % ratio:
-        _check_total_stride(model, gm, in_chans, size_a, None)
+        check_total_stride(model, gm, in_chans, size_a, None, names)
         raise SparsifyError(f"input_size {size_a} is not a multiple of the network's downsample ratio "
                             f"{ratio}; pass input_size as a multiple of {ratio}")
 
@@ -401,165 +411,20 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     try:
         analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, ratio, cut_outputs)
     except SparsifyError as error:
-        stem = _unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
+        stem = unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
         if stem:
             raise SparsifyError(f"{type(model).__name__}: {stem}\n{error}") from error
         raise
     sparse_graph = build_sparse_graph(cut, analysis, cut_outputs, cut_shapes_a, cut_shapes_b)
     sparse_gm = fx.GraphModule(cut, sparse_graph, "Sparse" + type(model).__name__)
-    _share_modules(sparse_gm, model)
+    share_modules(sparse_gm, model)
     dense_graph = build_dense_graph(cut, cut_outputs)
     enc = SparseEncoder(sparse_gm, dense_graph, [s for _, s in chosen], in_chans, size_a,
                         _norm_type(sparse_gm), type(model).__name__)
-    enc._stage_modules = _stage_modules(gm, [n for n, _ in chosen])
+    enc._stage_modules = stage_modules(gm, [n for n, _ in chosen])
     enc._forward_kwargs = dict(gm.meta.get("concrete_args", {}))
     object.__setattr__(enc, "_source_model", model)
     return enc
-
-
-#: Probe size for the true total stride: divisible by every stride up to 64 made of 2s, 3s, 5s and 7s
-#: that CNNs use (shapes only, under fake tensors, so the size costs nothing).
-_PROBE = 2**6 * 3**2 * 5 * 7
-
-
-def _fake_shapes(gm: fx.GraphModule, model: nn.Module, in_chans: int, size: tuple[int, int]) -> dict | None:
-    """Shapes at ``size`` under fake tensors only (never a real run: the probe size is huge)."""
-    import logging
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .analyse import _ShapeRecorder
-
-    recorder = _ShapeRecorder(gm)
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
-    try:
-        with torch.no_grad(), eval_mode(gm), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            ref = next(model.parameters(), None)
-            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-            example = torch.empty(1, in_chans, *size, dtype=dtype, device=ref.device if ref is not None else "cpu")
-            recorder.run(mode.from_tensor(example))
-        return recorder.shapes
-    except Exception:
-        return None
-    finally:
-        fake_log.setLevel(level)
-
-
-def _check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size: tuple[int, int],
-                        error: SparsifyError | None) -> None:
-    """Raise a SparsifyError stating the network's true total stride when ``size`` does not fit it, or
-    naming the first layer whose grid never lines up with the input's (an unpadded convolution).
-
-    Shapes at ``size`` itself cannot tell the stride when it does not divide (sizes get rounded), so
-    the network is measured at a probe size divisible by every usual stride. Returns quietly when
-    the probe finds nothing to add (the caller then raises its own error).
-    """
-    probe_a, probe_b = (_PROBE, _PROBE), (2 * _PROBE, 2 * _PROBE)
-    shapes_a = _fake_shapes(gm, model, in_chans, probe_a)
-    shapes_b = _fake_shapes(gm, model, in_chans, probe_b) if shapes_a is not None else None
-    if shapes_a is None or shapes_b is None:
-        return
-    nodes = list(gm.graph.nodes)
-    output = nodes[-1]
-    needed: set[fx.Node] = set()
-    todo = [output]
-    while todo:
-        n = todo.pop()
-        for arg in n.all_input_nodes:
-            if arg not in needed:
-                needed.add(arg)
-                todo.append(arg)
-    strides = {n: node_stride(shapes_a.get(n), shapes_b.get(n), probe_a, probe_b) for n in nodes if n in needed}
-    found = [s for n, s in strides.items() if s is not None and n.op != "placeholder"]
-    name = type(model).__name__
-    if found:
-        ratio = max(found)
-        if size[0] % ratio or size[1] % ratio:
-            lo = tuple(max(ratio, v // ratio * ratio) for v in size)
-            hi = tuple(math.ceil(v / ratio) * ratio for v in size)
-            raise SparsifyError(
-                f"input_size {size[0]}x{size[1]} is not a multiple of {name}'s downsample ratio {ratio} (its "
-                f"total stride, which is also the mask patch size); use e.g. {lo[0]}x{lo[1]} or {hi[0]}x{hi[1]}")
-        return
-    for n in nodes:
-        shape = shapes_a.get(n)
-        if n.op == "placeholder" or not isinstance(shape, torch.Size) or len(shape) != 4:
-            continue
-        if node_stride(shape, shapes_b.get(n), probe_a, probe_b) is None:
-            where = module_path(n) or "<top level>"
-            raise SparsifyError(
-                f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "
-                f"turns a {probe_a[0]}x{probe_a[1]} input into {shape[2]}x{shape[3]}, which is not the input "
-                "divided by a whole stride (e.g. a convolution without padding), and no later feature map is. "
-                "Masked patches cannot be mapped onto such maps; pad the first layers (padding=kernel_size//2)."
-                + (f"\nDetails: {error}" if error is not None else ""))
-        break
-
-
-def _unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
-                    size_b: tuple[int, int], outputs: list[fx.Node]) -> str:
-    """Name the first feature map, on every path to the stages, whose size is not the input's divided
-    by a whole stride (an unpadded first convolution): everything after it is off the patch grid."""
-    nodes = list(gm.graph.nodes)
-    input_node = nodes[0]
-    for node in nodes[1:]:
-        shape = shapes_a.get(node)
-        if not isinstance(shape, torch.Size) or len(shape) != 4:
-            continue
-        if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None:
-            continue
-        seen, todo = {node, input_node}, [input_node]
-        while todo:  # can the stages be reached from the input without passing through this node?
-            for user in todo.pop().users:
-                if user not in seen:
-                    seen.add(user)
-                    todo.append(user)
-        if any(out in seen for out in outputs):
-            return ""
-        return (f"its first layers never line up with the patch grid: node '{node.name}' in module "
-                f"'{module_path(node) or '<top level>'}' turns a {size_a[0]}x{size_a[1]} input into "
-                f"{shape[2]}x{shape[3]}, not the input divided by a whole stride (e.g. a convolution without "
-                "padding), and every feature map after it is shifted against the patches. Pad the first layers "
-                "(padding=kernel_size//2) so masked patches map onto the feature maps.")
-    return ""
-
-
-def _stage_modules(gm: fx.GraphModule, stage_nodes: list[fx.Node]) -> list[str | None]:
-    """Per stage, the outermost module called once whose forward returned that node (hookable ground
-    truth for "mask=None equals the model"), or None."""
-    calls = gm.meta.get("module_calls", {})
-    out: list[str | None] = []
-    for node in stage_nodes:
-        paths = [p for p, _ in module_outputs(node) if calls.get(p) == 1]
-        out.append(paths[-1] if paths else None)
-    return out
-
-
-def _share_modules(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Put the model's own Module objects where fx made partial copies (containers for traced-through
-    modules), when the graph uses every parameter and buffer of that module: then ``enc.to()`` and
-    ``model.to()`` act on the same buffer registries."""
-
-    def tensors(m: nn.Module) -> set[int]:
-        return {id(t) for t in m.parameters()} | {id(t) for t in m.buffers()}
-
-    def visit(owner: nn.Module, prefix: str) -> None:
-        for name, child in list(owner._modules.items()):
-            path = f"{prefix}{name}"
-            try:
-                real = model.get_submodule(path)
-            except AttributeError:
-                continue
-            if child is real:
-                continue
-            if tensors(real) <= tensors(child):
-                owner._modules[name] = real
-            else:
-                visit(child, path + ".")
-
-    visit(gm, "")
 
 
 def graph_node_names(model: nn.Module, input_size: int | Sequence[int] = (224, 224), *,

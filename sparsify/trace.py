@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -168,6 +169,12 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
                 delattr(model, name)
             tracer, graph = _trace_with_fallback(model, leaf_modules, autowrap_functions,
                                                  {**kwargs, "proxy_buffer_attributes": False}, fixed)
+            if any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in graph.nodes):
+                warnings.warn(
+                    f"{type(model).__name__}'s forward branches on a buffer's value, so its buffers were traced as "
+                    "tensors: values computed from them are frozen copies in the encoder (loading new buffers "
+                    "into the model will not reach them). Keep that module whole with leaf_modules=[...].",
+                    stacklevel=3)
     except SparsifyError:
         raise
     except Exception as error:

@@ -153,7 +153,7 @@ def test_live_flags_under_compile_fullgraph():
     torch.manual_seed(0)
     model = FunctionalNet()
     enc = sparsify.wrap(model, (32, 32), **WRAP)
-    compiled = torch.compile(enc, fullgraph=True, backend="eager")
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 32, 32)
     for train in (False, True):
         got = _enc_out(compiled, x, train)
@@ -257,3 +257,57 @@ def test_moving_the_encoder_moves_the_models_buffers():
     assert model.fbn.running_var.dtype == torch.float64
     assert enc.fbn.running_var is model.fbn.running_var
     assert enc.body[1].gain is model.body[1].gain
+
+
+class MadeInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, 2, 1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x) * torch.tensor([1.0, 2.0]).view(1, 2, 1, 1)  # a true constant of the code
+        return self.fc(y.mean((2, 3)))
+
+
+def test_constants_made_in_forward_stay_out_of_the_state_dict():
+    model = MadeInForward()
+    enc = sparsify.wrap(model, (32, 32))
+    assert "_tensor_constant0" in dict(enc.named_buffers())
+    missing, unexpected = MadeInForward().load_state_dict(enc.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["fc.bias", "fc.weight"]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_enc_out(enc, x, False), _model_out(model, x, "conv", False) * torch.tensor(
+        [1.0, 2.0]).view(1, 2, 1, 1))
+
+
+class BranchesOnBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 2, 1)
+        self.register_buffer("gain", torch.full((1, 4, 1, 1), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gain.sum() > 0:  # Python control flow on a buffer's value
+            return self.conv(x) * (self.gain + 1.0)
+        return self.conv(x)
+
+
+def test_branching_on_a_buffer_still_wraps_with_a_warning():
+    model = BranchesOnBuffer()
+    with pytest.warns(UserWarning, match="branches on a buffer's value"):
+        enc = sparsify.wrap(model, (32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_enc_out(enc, x, False), _model_out(model, x, "", False))
+
+
+def test_live_flags_survive_pickling():
+    import pickle
+
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    enc = pickle.loads(pickle.dumps(sparsify.wrap(model, (32, 32), **WRAP)))
+    twin = enc.source_model  # the pickled copy of the model, sharing the copy's modules
+    x = torch.randn(2, 3, 32, 32)
+    for train in (True, False):
+        torch.testing.assert_close(_enc_out(enc, x, train), _model_out(twin, x, "head", train), rtol=1e-10, atol=1e-10)

@@ -48,12 +48,30 @@ class BranchesOnValues(nn.Module):
         return y if y.sum() > 0 else -y
 
 
+class BranchesOnMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * 0.5 if self.training else y
+
+
 def _small() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
 
 
-def test_extra_arguments_are_traced_at_their_defaults():
+@pytest.fixture
+def fp64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_extra_arguments_are_traced_at_their_defaults(fp64):
     model = WithExtras()
     enc = sparsify.wrap(model, (32, 32))
     x = torch.randn(2, 3, 32, 32)
@@ -61,7 +79,7 @@ def test_extra_arguments_are_traced_at_their_defaults():
     torch.testing.assert_close(enc.eval()(x)[-1], want)
 
 
-def test_concrete_args_fix_other_values():
+def test_concrete_args_fix_other_values(fp64):
     model = WithExtras()
     enc = sparsify.wrap(model, (32, 32), concrete_args={"scale": 0.5, "return_features": True})
     x = torch.randn(2, 3, 32, 32)
@@ -84,9 +102,12 @@ def test_root_level_control_flow_never_suggests_the_root_as_leaf():
         sparsify.wrap(BranchesOnValues(), (32, 32))
     assert "leaf_modules=[BranchesOnValues]" not in str(info.value)
     assert "concrete_args" in str(info.value)
+    with pytest.raises(sparsify.SparsifyError, match="BranchesOnMode.forward itself") as info:
+        sparsify.wrap(BranchesOnMode(), (32, 32))
+    assert "leaf_modules=[<that module" not in str(info.value)
 
 
-def test_pickle_torch_save_and_deepcopy_of_whole_modules():
+def test_pickle_torch_save_and_deepcopy_of_whole_modules(fp64):
     enc = sparsify.wrap(_small(), (32, 32)).eval()
     x = torch.randn(2, 3, 32, 32)
     mask = sparsify.random_mask(2, (8, 8), 0.5, generator=torch.Generator().manual_seed(0))
@@ -127,6 +148,8 @@ def test_input_size_error_states_the_true_total_stride(size, advice):
         sparsify.wrap(model, size)
     enc = sparsify.wrap(model, (int(advice[:2]), int(advice[:2])))  # following the advice works
     assert enc.downsample_ratio == 32
+    with pytest.raises(sparsify.SparsifyError, match="downsample ratio 16 "):  # stages ending at stride 16
+        sparsify.wrap(model, size, stages=["layer1", "layer2", "layer3"])
 
 
 def test_unpadded_first_layer_is_refused_with_the_reason():

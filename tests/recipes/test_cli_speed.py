@@ -34,6 +34,10 @@ def _run(*args: str) -> tuple[subprocess.CompletedProcess, float]:
         (("pretrain", "--bogus"), 2, "unrecognized arguments"),
         (("pretrain", "--batch-size", "0"), 2, "--batch-size must be >= 1"),
         (("pretrain", "--input-size", "12x"), 2, "input size must be"),
+        (("pretrain", "--micro-batch", "4", "--accum", "2"), 2, "not both"),
+        (("reconstruct", "--help"), 0, "--seed"),
+        (("reconstruct",), 2, "the following arguments are required"),
+        (("reconstruct", "/no/such/run"), 2, "neither a run folder nor a checkpoint"),
     ],
 )
 def test_help_and_argument_errors_are_fast_and_do_not_import_torch(args, rc, text):

@@ -102,11 +102,19 @@ def test_embedded_default_data(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_default_out_and_presets() -> None:
     cfg = pretrain.resolve_config({})
     assert cfg.preset == "demo" and cfg.out == str(Path("runs") / "resnet18-samples")
-    paper = pretrain.resolve_config({"data": "/some/photos"})
+    paper = pretrain.resolve_config({"data": "/some/photos", "preset": "paper"})
     assert (paper.model, paper.input_size, paper.batch_size, paper.epochs) == ("resnet50", (224, 224), 4096, 1600)
     assert (paper.base_lr, paper.warmup, paper.decoder_width, paper.crop_scale) == (2e-4, 40.0, 768, (0.67, 1.0))
     assert (paper.weight_decay, paper.weight_decay_end, paper.clip_grad, paper.opt) == (0.04, 0.2, 5.0, "lamb")
+    assert paper.lr_rule == "linear" and paper.micro_batch is None and paper.accum is None
     assert paper.out == str(Path("runs") / "resnet50-photos")
+    # with --data and no preset: the paper's recipe at the batch that fits, lr square-root scaled
+    own = pretrain.resolve_config({"data": "/some/photos"})
+    assert own.preset == "default" and own.batch_size is None and own.lr_rule == "sqrt" and own.base_lr == 8e-4
+    assert (own.model, own.input_size, own.epochs, own.warmup, own.decoder_width) == (
+        "resnet50", (224, 224), 1600, 40.0, 768
+    )  # fmt: skip
+    assert own.keep == 2
 
 
 @pytest.mark.parametrize(

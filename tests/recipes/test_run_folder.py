@@ -69,13 +69,22 @@ def test_forked_children_do_not_keep_the_lock(tmp_path: Path) -> None:
         os.waitpid(pid, 0)
 
 
-def test_unwritable_folder_is_one_clear_error(tmp_path: Path) -> None:
+def test_unwritable_folder_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(RecipeError, match="cannot write to the run folder .*choose another --out"):
+    with pytest.raises(RecipeError, match="cannot write to the run folder .*permissions or choose another --out"):
         RunFolder(blocker / "run").check_writable()
     RunFolder(tmp_path / "ok" / "run").check_writable()
     assert list((tmp_path / "ok" / "run").iterdir()) == []  # the probe is removed
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(RecipeError, match="the disk is full.*free some space"):
+        RunFolder(tmp_path / "ok" / "run").check_writable()
+    monkeypatch.undo()
+    assert list((tmp_path / "ok" / "run").iterdir()) == []
 
 
 def _state(step: int, value: float = 1.0) -> dict:

@@ -1,0 +1,140 @@
+"""Input sizes and grids that do not fit the network: errors that state why and what fits.
+
+Shapes at a size that does not divide the network's total stride are rounded, so the stride read
+from them is wrong (resnet18 at 100 px looks like stride 29). :func:`check_total_stride` measures the
+network at a probe size divisible by every usual stride, under fake tensors (shapes only), and states
+the true stride with the nearest sizes that fit. :func:`unaligned_stem` names the first layer whose
+grid never lines up with the input's (an unpadded first convolution), after which nothing can be
+masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analyse import eval_mode
+from .errors import SparsifyError
+from .stages import discover_stages, node_stride
+from .trace import module_path
+
+__all__ = ["check_total_stride", "unaligned_stem"]
+
+
+#: Probe size for the true total stride: divisible by every stride up to 64 made of 2s, 3s, 5s and 7s
+#: that CNNs use (shapes only, under fake tensors, so the size costs nothing).
+_PROBE = 2**6 * 3**2 * 5 * 7
+
+
+def _fake_shapes(gm: fx.GraphModule, model: nn.Module, in_chans: int, size: tuple[int, int]) -> dict | None:
+    """Shapes at ``size`` under fake tensors only (never a real run: the probe size is huge)."""
+    import logging
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .analyse import _ShapeRecorder
+
+    recorder = _ShapeRecorder(gm)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad(), eval_mode(gm), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            ref = next(model.parameters(), None)
+            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+            example = torch.empty(1, in_chans, *size, dtype=dtype, device=ref.device if ref is not None else "cpu")
+            recorder.run(mode.from_tensor(example))
+        return recorder.shapes
+    except Exception:
+        return None
+    finally:
+        fake_log.setLevel(level)
+
+
+def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size: tuple[int, int],
+                        error: SparsifyError | None, names: list[str] | None = None) -> None:
+    """Raise a SparsifyError stating the network's true total stride when ``size`` does not fit it, or
+    naming the first layer whose grid never lines up with the input's (an unpadded convolution).
+
+    Shapes at ``size`` itself cannot tell the stride when it does not divide (sizes get rounded), so
+    the network is measured at a probe size divisible by every usual stride, and the patch size is
+    the stride of the last stage found there (the user's ``names``, or the automatic choice), else of
+    the deepest map the output depends on. Returns quietly when the probe finds nothing to add (the
+    caller then raises its own error).
+    """
+    probe_a, probe_b = (_PROBE, _PROBE), (2 * _PROBE, 2 * _PROBE)
+    shapes_a = _fake_shapes(gm, model, in_chans, probe_a)
+    shapes_b = _fake_shapes(gm, model, in_chans, probe_b) if shapes_a is not None else None
+    if shapes_a is None or shapes_b is None:
+        return
+    nodes = list(gm.graph.nodes)
+    try:
+        stages = discover_stages(gm, shapes_a, shapes_b, probe_a, probe_b, names)
+    except SparsifyError:
+        stages = None
+    output = stages[-1][0] if stages else nodes[-1]
+    needed: set[fx.Node] = {output} if stages else set()
+    todo = [output]
+    while todo:
+        n = todo.pop()
+        for arg in n.all_input_nodes:
+            if arg not in needed:
+                needed.add(arg)
+                todo.append(arg)
+    strides = {n: node_stride(shapes_a.get(n), shapes_b.get(n), probe_a, probe_b) for n in nodes if n in needed}
+    found = [s for n, s in strides.items() if s is not None and n.op != "placeholder"]
+    name = type(model).__name__
+    if found:
+        ratio = max(found)
+        if size[0] % ratio or size[1] % ratio:
+            lo = tuple(max(ratio, v // ratio * ratio) for v in size)
+            hi = tuple(math.ceil(v / ratio) * ratio for v in size)
+            raise SparsifyError(
+                f"input_size {size[0]}x{size[1]} is not a multiple of {name}'s downsample ratio {ratio} (the "
+                f"stride of its last stage, which is also the mask patch size); use e.g. {lo[0]}x{lo[1]} or "
+                f"{hi[0]}x{hi[1]}")
+        return
+    for n in nodes:
+        shape = shapes_a.get(n)
+        if n.op == "placeholder" or not isinstance(shape, torch.Size) or len(shape) != 4:
+            continue
+        if node_stride(shape, shapes_b.get(n), probe_a, probe_b) is None:
+            where = module_path(n) or "<top level>"
+            raise SparsifyError(
+                f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "
+                f"turns a {probe_a[0]}x{probe_a[1]} input into {shape[2]}x{shape[3]}, which is not the input "
+                "divided by a whole stride (e.g. a convolution without padding), and no later feature map is. "
+                "Masked patches cannot be mapped onto such maps; pad the first layers (padding=kernel_size//2)."
+                + (f"\nDetails: {error}" if error is not None else ""))
+        break
+
+
+def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
+                    size_b: tuple[int, int], outputs: list[fx.Node]) -> str:
+    """Name the first feature map, on every path to the stages, whose size is not the input's divided
+    by a whole stride (an unpadded first convolution): everything after it is off the patch grid."""
+    nodes = list(gm.graph.nodes)
+    input_node = nodes[0]
+    for node in nodes[1:]:
+        shape = shapes_a.get(node)
+        if not isinstance(shape, torch.Size) or len(shape) != 4:
+            continue
+        if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None:
+            continue
+        seen, todo = {node, input_node}, [input_node]
+        while todo:  # can the stages be reached from the input without passing through this node?
+            for user in todo.pop().users:
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        if any(out in seen for out in outputs):
+            return ""
+        return (f"its first layers never line up with the patch grid: node '{node.name}' in module "
+                f"'{module_path(node) or '<top level>'}' turns a {size_a[0]}x{size_a[1]} input into "
+                f"{shape[2]}x{shape[3]}, not the input divided by a whole stride (e.g. a convolution without "
+                "padding), and every feature map after it is shifted against the patches. Pad the first layers "
+                "(padding=kernel_size//2) so masked patches map onto the feature maps.")
+    return ""
