@@ -1,13 +1,16 @@
 """``sparsify-pretrain``: SparK masked pretraining of any CNN on a folder of images.
 
-Run with no arguments, it is a quick demonstration: a small CNN pretrained for a few minutes on CPU on
-photographs bundled with scikit-image. With ``--data DIR`` the defaults are the SparK paper's ImageNet
-recipe (design.md section 7): ResNet-50, 224 px, batch 4096, 1600 epochs, LAMB, base lr 2e-4 x
-batch/256, 40 warm-up epochs, weight decay cosine 0.04 -> 0.2, mask ratio 0.6. Every flag overrides.
+Run with no arguments, it is a quick demonstration: a small CNN pretrained on CPU on photographs
+bundled with scikit-image. With ``--data DIR`` the defaults are the SparK paper's ImageNet recipe
+(design.md section 7: ResNet-50, 224 px, 1600 epochs, LAMB, 40 warm-up epochs, weight decay cosine
+0.04 -> 0.2, mask ratio 0.6) at the batch one machine holds (the largest micro-batch per device, no
+accumulation) with the peak lr max(8e-4 x sqrt(batch/256), 1e-3); ``--preset paper`` is the recipe
+exactly (global batch 4096 by accumulation, lr 2e-4 x batch/256). Every flag overrides.
 
 Outputs go to ``runs/<name>/`` (or ``--out``): ``checkpoints/`` (full state, atomic, auto-resumed),
 ``backbone.safetensors`` (the pretrained model's weights, original names, head removed),
-``metrics.jsonl``, ``tensorboard/``, ``recon_start.png`` / ``recon_end.png`` and ``loss_curve.png``.
+``metrics.jsonl``, ``tensorboard/``, ``recon_start.png`` / ``recon_end.png`` / ``recon_latest.png``
+(labelled columns) and ``loss_curve.png``. ``--knn-data DIR`` adds a k-NN accuracy monitor (:mod:`.knn`).
 
 Multi-GPU / multi-node: ``torchrun --nproc-per-node 8 -m sparsify.recipes.pretrain --data DIR ...``
 (``--batch-size`` is the global batch).
