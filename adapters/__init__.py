@@ -1,13 +1,16 @@
 """Mask-aware layer adapters and the registry that maps graph operations to them.
 
 One concept per file: ``conv``, ``batch_norm``, ``group_norm``, ``instance_norm``, ``layer_norm``,
-``pool``, ``reduce``, ``interpolate``, ``pad``, ``pointwise`` (activations and arithmetic) and
-``shape`` (layout operations). Importing this package registers every built-in rule.
+``pool``, ``reduce``, ``interpolate``, ``pad``, ``pointwise`` (activations and arithmetic),
+``elementwise`` (the rest of torch's elementwise operators), ``shape`` (layout operations) and
+``pooled`` (batch statistics over pooled vectors). Importing this package registers every built-in
+rule.
 """
 
 from . import (  # noqa: F401  (imported for their registrations)
     batch_norm,
     conv,
+    elementwise,
     group_norm,
     instance_norm,
     interpolate,
@@ -15,6 +18,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     pad,
     pointwise,
     pool,
+    pooled,
     reduce,
     shape,
 )

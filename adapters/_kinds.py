@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
-from ._registry import NONSPATIAL, Decision, Info, NodeView, Unsupported
+from ._registry import Decision, Info, NodeView, Unsupported
 
 __all__ = [
     "pointwise_rule",
@@ -24,6 +25,8 @@ __all__ = [
     "module_preserves_zero",
     "module_is_nonneg",
     "common_layout",
+    "check_no_fixed_maps",
+    "nonspatial_like",
 ]
 
 # Activation modules by what they do at 0: (maps 0 to 0, output always >= 0).
@@ -59,8 +62,54 @@ def module_is_nonneg(module: nn.Module | None) -> bool:
     return bool(found and found[1]) if module is not None else False
 
 
+def check_no_fixed_maps(view: NodeView, layout: tuple[int, int]) -> None:
+    """Refuse a tensor without per-site values that varies along the output's spatial dims.
+
+    Such a tensor (a coordinate map, a positional bias buffer, a constant image) is not computed
+    from the active sites: combined with a feature map it gives masked sites and a larger canvas
+    their own values, so canvas invariance cannot hold. Pooled vectors (size 1 there), broadcasts of
+    them and fresh or random tensors pass.
+    """
+    out_shape = view.shape()
+    if not isinstance(out_shape, torch.Size):
+        return
+    for n in view.tensor_inputs():
+        info = view.info(n)
+        if info is None or info.spatial is not None:
+            continue
+        varies = info.varies if info.varies is not None else view.shape(n)
+        if not isinstance(varies, (tuple, torch.Size)):
+            continue
+        shift = len(out_shape) - len(varies)
+        extent = [varies[d - shift] for d in layout if 0 <= d - shift < len(varies)]
+        if any(e > 1 for e in extent):
+            raise Unsupported(
+                f"combines a feature map with '{n.name}', a fixed map of shape {tuple(view.shape(n))} "
+                "that varies over space (a coordinate channel or positional bias): it is not computed "
+                "from the visible sites, so masked patches and a larger canvas would change what they "
+                "see. Compute it from the features, or stop the stages before it (stages=[...])")
+
+
+def nonspatial_like(view: NodeView, **changes: Any) -> Info:
+    """Info of a tensor without per-site values computed from this node's tensor inputs."""
+    inputs = view.tensor_inputs()
+    per_sample = any(getattr(view.info(n), "per_sample", False) for n in inputs)
+    varies = None
+    known = [view.info(n).varies for n in inputs]
+    if inputs and all(v is not None for v in known) and any(view.shape(n) == view.shape() for n in inputs):
+        # a same-shape op on broadcasts (expanded pooled vectors, fresh tensors): values still vary
+        # only where the inputs' did
+        rank = max(len(v) for v in known)
+        padded = [(1,) * (rank - len(v)) + tuple(v) for v in known]
+        varies = tuple(max(d) for d in zip(*padded)) if rank else ()
+    info = Info(spatial=None, per_sample=per_sample, varies=varies)
+    return info.but(**changes) if changes else info
+
+
 def common_layout(view: NodeView, nodes: list) -> tuple[tuple[int, int], bool]:
-    """The spatial dims shared by ``nodes`` (after broadcasting) and whether all are aligned."""
+    """The spatial dims shared by ``nodes`` (after broadcasting) and whether all are aligned.
+
+    Also refuses fixed maps with spatial extent among the node's other tensor inputs."""
     out_shape = view.shape()
     layouts = set()
     aligned = True
@@ -73,14 +122,19 @@ def common_layout(view: NodeView, nodes: list) -> tuple[tuple[int, int], bool]:
         aligned = aligned and info.aligned
     if len(layouts) != 1:
         raise Unsupported(f"combines feature maps with different layouts {sorted(layouts)}")
-    return layouts.pop(), aligned
+    layout = layouts.pop()
+    check_no_fixed_maps(view, layout)
+    return layout, aligned
 
 
 def passthrough_nonspatial(view: NodeView) -> Decision:
     shape = view.shape()
+    if shape is None:
+        return Decision(out=None)
+    info = nonspatial_like(view)
     if isinstance(shape, list):  # a tuple of tensors
-        return Decision(out=tuple(NONSPATIAL for _ in shape))
-    return Decision(out=NONSPATIAL if shape is not None else None)
+        return Decision(out=tuple(info for _ in shape))
+    return Decision(out=info)
 
 
 def pointwise_rule(zero: bool | Callable[[NodeView], bool] = True,
@@ -142,7 +196,7 @@ def statistic_rule(masked: Callable[..., Any], input_index: int = 0, input_name:
         if any(n is not x for n in view.spatial_inputs()):
             raise Unsupported("takes a second feature map as a statistic input")
         if global_output:
-            out = NONSPATIAL
+            out = Info(spatial=None, per_sample=True)
         else:
             out = Info(spatial=info.spatial, zero=False, nonneg=bool(nonneg and nonneg(view)),
                        aligned=info.aligned)

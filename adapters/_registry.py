@@ -25,9 +25,11 @@ __all__ = [
     "Rule",
     "register_rule",
     "find_rule",
+    "registered_rule",
     "module_rule_types",
     "function_rule_targets",
     "NONSPATIAL",
+    "POOLED",
 ]
 
 
@@ -41,18 +43,33 @@ class Info:
     nonneg: known >= 0 everywhere (lets max pooling skip its masked fill).
     aligned: the tensor's grid lines up with the patch grid, so its mask is the patch mask resized
         by nearest neighbour. Padded or oddly-sized maps are not aligned.
+    varies: for a tensor without per-site values, the shape its values actually vary over, when that
+        differs from its own shape: a pooled vector expanded to a map's shape still varies over
+        (B, C, 1, 1); ``()`` for values that come from no position at all (fresh or random tensors).
+        None means its own shape. A non-spatial tensor that varies along a feature map's spatial dims
+        is a fixed map (coordinates, a positional bias), which sparse semantics cannot honour.
+    padded: the output of an explicit zero pad (its grid is shifted): a pool right after it treats
+        masked sites as the zeros the pad put around the border.
+    per_sample: a tensor without per-site values computed per sample from the active sites (a
+        pooled vector and what is computed from it): batch statistics over it must leave out the
+        samples that have no active site.
     """
 
     spatial: tuple[int, int] | None
     zero: bool = False
     nonneg: bool = False
     aligned: bool = True
+    varies: tuple[int, ...] | None = None
+    per_sample: bool = False
+    padded: bool = False
 
     def but(self, **changes: Any) -> Info:
         return replace(self, **changes)
 
 
 NONSPATIAL = Info(spatial=None)
+#: A pooled vector: computed per sample from the active sites (global pooling, reductions over space).
+POOLED = Info(spatial=None, per_sample=True)
 
 
 class Unsupported(Exception):
@@ -70,12 +87,16 @@ class Decision:
         ``masked(mask, *args, **kwargs)``. ``mask`` is a 0/1 tensor broadcastable to the input
         named by ``mask_of`` (in its layout and resolution), or None when nothing is masked.
     mask_of: the input whose mask the replacement needs.
+    sample_mask: pass a per-sample mask instead, shaped like ``mask_of`` with 1 everywhere but the
+        batch dim: 1 for a sample with at least one active site, 0 for a fully masked one (batch
+        statistics over pooled vectors).
     """
 
     out: Any
     require_zero: list[fx.Node] = field(default_factory=list)
     masked: Callable[..., Any] | None = None
     mask_of: fx.Node | None = None
+    sample_mask: bool = False
 
 
 class NodeView:
@@ -165,6 +186,15 @@ def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
     if node.op == "call_method":
         return _METHOD_RULES.get(node.target)
     return None
+
+
+def registered_rule(target: type | Callable | str) -> Rule | None:
+    """The rule registered for ``target`` (a module type, function or method name), or None."""
+    if isinstance(target, str):
+        return _METHOD_RULES.get(target)
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return _MODULE_RULES.get(target)
+    return _FUNCTION_RULES.get(target)
 
 
 def module_rule_types() -> tuple[type, ...]:

@@ -11,11 +11,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._kinds import statistic_rule
-from ._registry import register_rule
-from ._stats import masked_sums, moments_from_sums
+from ._kinds import module_preserves_zero, statistic_rule
+from ._registry import Decision, Info, NodeView, register_rule
+from ._stats import first_active, mask_count
 
-__all__ = ["masked_batch_norm", "masked_batch_norm_fn"]
+__all__ = ["masked_batch_norm", "masked_batch_norm_fn", "BATCH_NORM_FUNCTIONS"]
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -25,67 +25,122 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 
 
 class _MaskedBatchNorm(torch.autograd.Function):
-    """BatchNorm with statistics over active sites, in few passes over memory.
+    """BatchNorm with statistics over active sites, in few passes over memory; output zero at masked sites.
 
-    Forward: the masked sums (one multiply, two fp32 reductions), then the native BatchNorm kernel with
-    those statistics. Backward: the native kernel's per-site part plus one fused correction for the
-    statistics' dependence on the active inputs. Values at masked sites carry no gradient: the
-    rewrite guarantees they never reach an active output.
+    Forward: one pass makes ``xs = (x - shift) * mask`` (shift: x at the first active site, see
+    ``_stats``), one pass sums it and its square (fp32 accumulation is exact enough on shifted data),
+    then the native kernel normalises ``xs`` with those statistics and one in-place multiply zeroes the
+    masked sites. ``xs`` replaces ``x`` for backward, so the saved memory is what dense BatchNorm saves.
+    Backward: the gradient is masked once, the native kernel sums it (for weight and bias), and three
+    in-place passes give ``grad_x = mask * (a * g + alpha + beta * x)`` per channel.
     """
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 group, synchronise):
         dims = tuple(d for d in range(x.dim()) if d != 1)
-        s1, s2, n = masked_sums(x, mask, dims)
+        fmt = _memory_format(x)
+        shift = first_active(x, mask, dims)
+        xs = (x - shift).mul_(mask)
+        s1, s2 = _centred_sums(xs, dims)
+        acc = torch.float32 if x.device.type == "mps" else torch.float64  # per-channel math only
+        n = mask_count(x, mask, dims, acc).flatten()[:1]
+        s1, s2, k = s1.to(acc), s2.to(acc), shift.flatten().to(acc)
+        n_safe = n.clamp_min(1.0)
+        offset = s1 / n_safe  # local mean - shift
         if synchronise:
-            c = s1.shape[1]
-            packed = _all_reduce(torch.cat([s1.flatten(), s2.flatten(), n.flatten()[:1]]), group)
-            s1, s2, n = packed[:c].view_as(s1), packed[c:2 * c].view_as(s2), packed[2 * c:].view(1, 1, 1, 1)
-        acc = torch.promote_types(x.dtype, torch.float32)
-        mean, var = moments_from_sums(s1, s2, n, acc)
-        mean, var, n = mean.flatten(), var.flatten(), n.to(acc)
+            mean, var, n = _combine_ranks(n, k + offset, (s2 - s1 * offset).clamp_min(0.0), group)
+        else:
+            mean, var = k + offset, (s2 / n_safe - offset.square()).clamp_min(0.0)
+        mean = torch.where(n > 0, mean, torch.zeros_like(mean))
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
         if running_mean is not None:
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             factor = 1.0 / num_batches_tracked.to(torch.float32) if momentum is None else momentum
-            has_data = n.flatten()[0] > 0  # the count is the same for every channel
-            unbiased = var * (n.flatten()[0] / (n.flatten()[0] - 1).clamp_min(1.0))
-            old_mean, old_var = running_mean.to(mean.dtype), running_var.to(var.dtype)
-            new_mean = torch.lerp(old_mean, mean, factor)
-            new_var = torch.lerp(old_var, unbiased, factor)
+            has_data = n > 0
+            unbiased = var * (n / (n - 1).clamp_min(1.0))
+            old_mean, old_var = running_mean.to(stat_dtype), running_var.to(stat_dtype)
+            new_mean = torch.lerp(old_mean, mean.to(stat_dtype), factor)
+            new_var = torch.lerp(old_var, unbiased.to(stat_dtype), factor)
             running_mean.copy_(torch.where(has_data, new_mean, old_mean))
             running_var.copy_(torch.where(has_data, new_var, old_var))
-        param_dtype = weight.dtype if weight is not None else acc
-        mean_p, var_p = mean.to(param_dtype), var.to(param_dtype)
-        y = F.batch_norm(x, mean_p, var_p, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(x, mask, weight, mean_p, var_p, n)
-        ctx.eps, ctx.group, ctx.synchronise = eps, group, synchronise
+        param_dtype = weight.dtype if weight is not None else stat_dtype
+        centre = (mean - k).to(param_dtype)  # the mean of xs at active sites
+        var_p = var.to(param_dtype)
+        y = F.batch_norm(xs, centre, var_p, weight, bias, False, 0.0, eps).mul_(mask)
+        ctx.save_for_backward(xs, mask, weight, centre, var_p, n)
+        ctx.eps, ctx.group, ctx.synchronise, ctx.fmt = eps, group, synchronise, fmt
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, mask, weight, mean, var, n = ctx.saved_tensors
-        w = weight if weight is not None else torch.ones_like(mean)
-        grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(memory_format=_memory_format(x)), x, w, mean, var, None, None, False, ctx.eps,
-            [True, True, True])
+        xs, mask, weight, centre, var, n = ctx.saved_tensors
+        g = (grad * mask).contiguous(memory_format=ctx.fmt)  # only active sites carry gradient
+        w = weight if weight is not None else torch.ones_like(centre)
+        # The native kernel's sums: sum g * xhat and sum g (g is 0 wherever xs is not an active value).
+        _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            g, xs, w, centre, var, None, None, False, ctx.eps, [False, True, True])
         grad_w = sum_g_xhat if weight is not None and ctx.needs_input_grad[2] else None
         grad_b = sum_g if ctx.has_bias and ctx.needs_input_grad[3] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, grad_w, grad_b, None, None, None, None, None, None, None
         if ctx.synchronise:
             packed = _all_reduce(torch.cat([sum_g, sum_g_xhat]), ctx.group)
             sum_g, sum_g_xhat = packed.chunk(2)
-        # d/dx of the statistics: -m * w * rstd / n * (sum g + xhat * sum g*xhat), as alpha + beta * x
+        # grad_x = a * (g - sum g / n - xhat * sum(g xhat) / n) at active sites, 0 elsewhere, with
+        # a = w * rstd and xhat = (xs - centre) * rstd: a * g + beta * xs + alpha * mask.
         acc = torch.promote_types(var.dtype, torch.float32)
         rstd = torch.rsqrt(var.to(acc) + ctx.eps)
-        k = w.to(acc) * rstd / n.flatten()[0].clamp_min(1.0)
+        a = w.to(acc) * rstd
+        k = a / n.to(acc).clamp_min(1.0)
         beta = -k * rstd * sum_g_xhat.to(acc)
-        alpha = -k * sum_g.to(acc) - beta * mean.to(acc)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        correction = torch.addcmul(alpha.view(shape).to(x.dtype), x, beta.view(shape).to(x.dtype))
-        grad_x = grad_x.addcmul_(correction, mask.to(x.dtype))
+        alpha = -k * sum_g.to(acc) - beta * centre.to(acc)
+        shape = (1, -1) + (1,) * (xs.dim() - 2)
+        dt = xs.dtype
+        grad_x = g.mul_(a.view(shape).to(dt)).addcmul_(xs, beta.view(shape).to(dt))
+        grad_x = grad_x.addcmul_(mask, alpha.view(shape).to(dt))
         return grad_x, None, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _centred_sums(xs: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sum xs and sum xs^2 (fp32 accumulation or better), in one pass where possible.
+
+    The native BatchNorm backward kernel computes exactly these two sums in one read when asked for
+    the weight and bias gradients of ``grad_out = input = xs`` with mean 0 and rstd 1. Its CPU
+    channels-last path accumulates in plain fp32 over the whole batch, so there two cascade sums
+    (torch.sum) are used instead.
+    """
+    c = xs.shape[1]
+    acc = torch.promote_types(xs.dtype, torch.float32)
+    if xs.device.type == "cpu" and _memory_format(xs) == torch.channels_last:
+        xf = xs.to(acc)
+        return xf.sum(dims), xf.square().sum(dims)
+    ones = torch.ones(c, dtype=acc, device=xs.device)
+    zeros = torch.zeros(c, dtype=acc, device=xs.device)
+    _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
+        xs, xs, ones, zeros, ones, None, None, False, 0.0, [False, True, True])
+    return s1, s2
+
+
+def _combine_ranks(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SyncBatchNorm: pooled mean, biased variance and count from every rank's (n, mean, M2).
+
+    All-gathered rather than all-reduced as raw sums, and combined pairwise-free (Chan et al.): the
+    between-rank term sum n_r (mean_r - mean)^2 has no cancellation, whatever |mean| / std.
+    """
+    local = torch.cat([n, mean, m2]).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    stacked = torch.stack(parts)  # (ranks, 1 + 2C)
+    c = mean.numel()
+    counts, means, m2s = stacked[:, :1], stacked[:, 1:1 + c], stacked[:, 1 + c:]
+    total = counts.sum(0)
+    pooled = (counts * means).sum(0) / total.clamp_min(1.0)
+    spread = m2s.sum(0) + (counts * (means - pooled).square()).sum(0)
+    return pooled, spread / total.clamp_min(1.0), total
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -105,7 +160,8 @@ def _normalise(x, mask, running_mean, running_var, weight, bias, use_batch_stats
 def masked_batch_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mask-aware forward of a BatchNorm module (nn.BatchNorm*, SyncBatchNorm, timm BatchNormAct2d).
 
-    In eval mode (running statistics) BatchNorm is a per-channel affine map and runs unchanged.
+    In eval mode (running statistics) BatchNorm is a per-channel affine map and runs unchanged. In
+    training mode the normalised map is zero at masked sites (before timm's drop and activation).
     """
     if mask is None:
         return module(x)
@@ -142,9 +198,51 @@ def masked_batch_norm_fn(mask, input, running_mean=None, running_var=None, weigh
                       momentum=momentum, eps=eps)
 
 
+def _zeroed_module(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """What the rewrite calls: :func:`masked_batch_norm`, exactly zero at masked sites.
+
+    Zeroing here, where training mode gets it for free inside the normalisation, spares the mask
+    multiply that the next convolution would otherwise need, and with it a second saved copy of the
+    activation (ReLU keeps its output for backward, the convolution its masked input).
+    """
+    y = masked_batch_norm(module, x, mask)
+    if mask is None:
+        return y
+    in_training = module.training or module.running_mean is None
+    if in_training and module_preserves_zero(getattr(module, "drop", None)) and module_preserves_zero(
+            getattr(module, "act", None)):
+        return y
+    return y * mask.to(y.dtype)
+
+
+def _zeroed_fn(mask, input, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """What the rewrite calls for ``F.batch_norm``: :func:`masked_batch_norm_fn`, zero at masked sites."""
+    y = masked_batch_norm_fn(mask, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if mask is None or training or running_mean is None:
+        return y
+    return y * mask.to(y.dtype)
+
+
+#: Every function the rewrite may call for a BatchNorm (how ``SparseEncoder.norm_type`` recognises one).
+BATCH_NORM_FUNCTIONS = (masked_batch_norm, masked_batch_norm_fn, _zeroed_module, _zeroed_fn)
+
+
+def _zero_output(rule):
+    """``rule`` with its output declared exactly zero at masked sites (the replacements above)."""
+
+    def zero_rule(view: NodeView) -> Decision:
+        decision = rule(view)
+        if isinstance(decision.out, Info) and decision.out.spatial is not None:
+            decision.out = decision.out.but(zero=True)
+        return decision
+
+    return zero_rule
+
+
 for _cls in (nn.BatchNorm2d, nn.SyncBatchNorm, nn.LazyBatchNorm2d):
-    register_rule(_cls, statistic_rule(masked_batch_norm))
-register_rule(F.batch_norm, statistic_rule(masked_batch_norm_fn))
+    register_rule(_cls, _zero_output(statistic_rule(_zeroed_module)))
+register_rule(F.batch_norm, _zero_output(statistic_rule(_zeroed_fn)))
 
 
 def _register_timm() -> None:
@@ -157,8 +255,8 @@ def _register_timm() -> None:
     for name in ("BatchNormAct2d", "SyncBatchNormAct"):
         cls = getattr(norm_act, name, None)
         if cls is not None:
-            register_rule(cls, statistic_rule(
-                masked_batch_norm, nonneg=lambda v: module_is_nonneg(getattr(v.module, "act", None))))
+            register_rule(cls, _zero_output(statistic_rule(
+                _zeroed_module, nonneg=lambda v: module_is_nonneg(getattr(v.module, "act", None)))))
 
 
 _register_timm()

@@ -10,11 +10,12 @@ or without masked canvas around. Bicubic weights can be negative (that ratio is 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._kinds import mixing_rule, statistic_rule
-from ._registry import Decision, NodeView, Unsupported, register_rule
+from ._registry import Decision, Info, NodeView, Unsupported, register_rule
 from .pool import masked_average, masked_avg_pool
 
 __all__ = ["masked_interpolate"]
@@ -27,11 +28,32 @@ def masked_interpolate(mask, input, *args, **kwargs):
     return masked_average(lambda t: F.interpolate(t, *args, **kwargs), input, mask)
 
 
+def _broadcast_from_one_site(view: NodeView) -> Decision | None:
+    """Upsampling a pooled vector from 1 x 1 (ASPP's image-pool branch) is a broadcast, in any mode.
+
+    The result is a per-site map like any other, but not zero at masked sites: the analysis masks it
+    where a consumer needs it, so the pooled value reaches visible sites only.
+    """
+    x = view.arg(0, "input")
+    info = view.info(x)
+    if not isinstance(info, Info) or info.spatial is not None:
+        return None
+    shape, out = view.shape(x), view.shape()
+    if not (isinstance(shape, torch.Size) and isinstance(out, torch.Size) and len(shape) == 4 == len(out)):
+        return None
+    if tuple(shape[-2:]) != (1, 1):
+        return None
+    return Decision(out=Info(spatial=(2, 3), zero=False, nonneg=info.nonneg))
+
+
 def _interp_rule(mode_of, align_corners_of, masked):
     nearest = mixing_rule(zero_out=True)
     weighted = statistic_rule(masked)
 
     def rule(view: NodeView) -> Decision:
+        broadcast = _broadcast_from_one_site(view)
+        if broadcast is not None:
+            return broadcast
         mode = mode_of(view)
         if mode == "nearest":
             return nearest(view)

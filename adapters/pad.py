@@ -1,5 +1,10 @@
 """Zero padding: keeps a zero input zero, but shifts the grid (the output is not patch-aligned).
 
+A convolution after it needs nothing more. A pool right after it (a "same"-padding stem written as
+``ZeroPad2d`` + ``MaxPool2d``) sees the zeros the model itself puts around the border; it treats
+masked sites the same way and runs unchanged on the zeroed input (see ``pool``), so a masked canvas
+gives the same result as the image alone.
+
 Reflect / replicate / non-zero constant padding copy or invent values next to the image border; a
 masked canvas would change what they produce, so they are refused.
 """
@@ -20,10 +25,14 @@ def _pad_rule(mode_value_of):
         if info is None or info.spatial is None:
             return passthrough_nonspatial(view)
         mode, value = mode_value_of(view)
+        pads = view.arg(1, "pad") if view.module is None else getattr(view.module, "padding", ())
+        pads = pads if isinstance(pads, (tuple, list)) else (pads,)
+        if any(isinstance(p, int) and p < 0 for p in pads):
+            raise Unsupported("negative padding crops the map (spatial slicing)")
         if mode != "constant" or (value or 0) != 0:
             raise Unsupported(f"{mode} padding with value {value} (only zero padding keeps absent "
                               "sites absent)")
-        return Decision(out=Info(spatial=info.spatial, zero=True, nonneg=info.nonneg, aligned=False),
+        return Decision(out=Info(spatial=info.spatial, zero=True, nonneg=info.nonneg, aligned=False, padded=True),
                         require_zero=[x])
 
     return rule

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._kinds import passthrough_nonspatial
-from ._registry import NONSPATIAL, Decision, Info, NodeView, Unsupported, register_rule
+from ._registry import POOLED, Decision, Info, NodeView, Unsupported, register_rule
 
 __all__ = ["masked_max", "masked_average", "masked_max_pool", "masked_avg_pool",
            "masked_max_pool_fn", "masked_avg_pool_fn"]
@@ -91,6 +91,28 @@ def masked_avg_pool_fn(fn: Callable) -> Callable:
     return masked
 
 
+def _whole_map_kernel(view: NodeView) -> bool:
+    """``F.avg_pool2d(x, x.size()[2:])``: a kernel read from the map's own size, i.e. global pooling.
+
+    The kernel is a traced shape value (an fx node), and the pooled output is 1 x 1."""
+    if view.module is not None:
+        return False
+    kernel = view.arg(1, "kernel_size")
+    shape = view.shape()
+    traced = isinstance(kernel, torch.fx.Node) or (
+        isinstance(kernel, (tuple, list)) and any(isinstance(k, torch.fx.Node) for k in kernel))
+    return traced and isinstance(shape, torch.Size) and tuple(shape[-2:]) == (1, 1)
+
+
+def _excludes_own_padding(view: NodeView) -> bool:
+    if view.module is not None:
+        padding, include = getattr(view.module, "padding", 0), getattr(view.module, "count_include_pad", True)
+    else:
+        padding, include = view.arg(3, "padding", 0), view.arg(5, "count_include_pad", True)
+    pads = padding if isinstance(padding, (tuple, list)) else (padding,)
+    return any(p != 0 for p in pads) and not include
+
+
 def _pool_rule(masked, kind: str, adaptive: bool):
     def rule(view: NodeView) -> Decision:
         x = view.arg(0, "input")
@@ -105,9 +127,15 @@ def _pool_rule(masked, kind: str, adaptive: bool):
                               view.module is None and view.arg(6 if not adaptive else 2, "return_indices",
                                                                False)):
             raise Unsupported("max pooling with return_indices")
-        if adaptive:
+        if adaptive or _whole_map_kernel(view):
             # The output grid does not line up with the patch grid: treat it as pooled vectors.
-            return Decision(out=NONSPATIAL, masked=masked, mask_of=x)
+            return Decision(out=POOLED, masked=masked, mask_of=x)
+        if info.padded:
+            # After an explicit zero pad the model's own border is zeros that count: masked sites are
+            # treated alike (run unchanged on the zeroed input), the only way a masked canvas matches.
+            if kind == "avg" and _excludes_own_padding(view):
+                raise Unsupported("average pool that excludes its own padding, after an explicit zero pad")
+            return Decision(out=Info(spatial=info.spatial, zero=False, nonneg=info.nonneg), require_zero=[x])
         if kind == "max" and info.nonneg:
             # Zeros at masked sites never exceed a non-negative active value: zero them (one
             # multiply, often needed anyway) and run the pool as is.

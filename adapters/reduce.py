@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from ._kinds import passthrough_nonspatial
-from ._registry import NONSPATIAL, Decision, Info, NodeView, Unsupported, register_rule
+from ._kinds import common_layout, passthrough_nonspatial
+from ._registry import POOLED, Decision, Info, NodeView, Unsupported, register_rule
+from ._stats import mask_count
 
 __all__ = ["masked_mean", "masked_reduce"]
 
@@ -26,20 +27,28 @@ def _norm_dims(dim, ndim: int) -> tuple[int, ...]:
 
 
 def masked_mean(mask, input, dim=None, keepdim=False, *, dtype=None):
-    """Mean over active sites of the reduced dims (fp32 accumulation, no host sync)."""
+    """Mean over active sites of the reduced dims (fp32 accumulation or better, no host sync)."""
     if mask is None:
         return input.mean(dim, keepdim=keepdim, dtype=dtype) if dim is not None else input.mean(dtype=dtype)
-    dims = _norm_dims(dim, input.dim())
-    m = mask.to(input.dtype)
-    acc = torch.float32 if input.device.type == "mps" else torch.float64  # as in _stats.masked_sums
-    total = (input * m).sum(dims, keepdim=keepdim, dtype=acc)
-    count = mask.sum(dims, keepdim=keepdim, dtype=acc)
-    repeat = 1
-    for d in dims:
-        if mask.shape[d] == 1:
-            repeat *= input.shape[d]
-    out = total / (count * repeat).clamp_min(1.0)
-    return out.to(dtype or input.dtype)
+    return _mean_over_active(input * mask.to(input.dtype), mask, dim, keepdim, dtype)
+
+
+def _mean_of_zero_input(mask, input, dim=None, keepdim=False, *, dtype=None):
+    """:func:`masked_mean` of an input already zero at masked sites: the plain sum is the active sum."""
+    if mask is None:
+        return masked_mean(None, input, dim, keepdim, dtype=dtype)
+    return _mean_over_active(input, mask, dim, keepdim, dtype)
+
+
+def _mean_over_active(zeroed, mask, dim, keepdim, dtype):
+    # A sum over space is no variance: fp32 cascade sums are as exact as the native mean, no fp64 pass.
+    dims = _norm_dims(dim, zeroed.dim())
+    acc = torch.promote_types(dtype or zeroed.dtype, torch.float32)
+    total = zeroed.sum(dims, keepdim=keepdim, dtype=acc)
+    count = mask_count(zeroed, mask, dims, acc)
+    if not keepdim:
+        count = count.squeeze(dims)
+    return (total / count.clamp_min(1.0)).to(dtype or zeroed.dtype)
 
 
 def masked_reduce(fn: Callable, fill: float | None) -> Callable:
@@ -89,9 +98,11 @@ def _reduce_rule(masked: Callable, kind: str, dim_index: int = 1, dim_name: str 
         if touched != set(info.spatial):
             raise Unsupported("reduces over one spatial dim only (e.g. coordinate attention); "
                               "register an adapter for the block")
-        out = NONSPATIAL
+        out = POOLED
         if kind in ("sum", "norm") and info.zero:
             return Decision(out=out)  # zeros at masked sites add nothing
+        if kind == "mean" and info.zero:  # only the count needs the mask (SE blocks after a masked BN)
+            return Decision(out=out, masked=_mean_of_zero_input, mask_of=x)
         return Decision(out=out, masked=masked, mask_of=x)
 
     return rule
@@ -108,3 +119,88 @@ register_rule(torch.linalg.vector_norm, _reduce_rule(masked_reduce(torch.linalg.
 register_rule(torch.norm, _reduce_rule(masked_reduce(torch.norm, 0.0), "norm", dim_index=2, keepdim_index=3))
 register_rule("norm", _reduce_rule(masked_reduce(_method("norm"), 0.0), "norm", dim_index=2,
                                    keepdim_index=3))
+
+
+# --- max / min over channels (CBAM's spatial attention), elementwise maximum / minimum --------------
+def _values_indices_rule(reduce_kind: str, masked_full: Callable) -> Callable[[NodeView], Decision]:
+    """``torch.max`` / ``torch.min`` and their methods, in all three call forms.
+
+    ``max(x)`` reduces everything (over active sites); ``max(x, other)`` is the elementwise maximum;
+    ``max(x, dim, keepdim)`` returns (values, indices), per site when ``dim`` is not spatial.
+    """
+    full = _reduce_rule(masked_full, reduce_kind)
+
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(0, "input")
+        info = view.info(x)
+        second = view.arg(1, "dim") if len(view.args) > 1 or "dim" in view.kwargs else view.kwargs.get("other")
+        if isinstance(second, torch.fx.Node) and isinstance(view.info(second), Info):
+            return _elementwise_extreme(view)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        if second is None:
+            return full(view)
+        ndim = len(view.shape(x))
+        dim = second % ndim
+        if dim in info.spatial:
+            raise Unsupported(f"{reduce_kind} over one spatial dim (a positional reduction); register an "
+                              "adapter for the block")
+        keepdim = bool(view.arg(2, "keepdim", False))
+        layout = info.spatial if keepdim else tuple(d - (1 if d > dim else 0) for d in info.spatial)
+        values = Info(spatial=layout, zero=info.zero, nonneg=info.nonneg, aligned=info.aligned)
+        indices = Info(spatial=layout, zero=False, nonneg=True, aligned=info.aligned)
+        return Decision(out=(values, indices))
+
+    return rule
+
+
+def _elementwise_extreme(view: NodeView) -> Decision:
+    spatial = view.spatial_inputs()
+    if not spatial:
+        return passthrough_nonspatial(view)
+    layout, aligned = common_layout(view, spatial)
+    operands = [view.info(n) for n in view.tensor_inputs()]
+    zero = all(i.spatial is not None and i.zero for i in operands)
+    target = view.node.target
+    is_max = target in (torch.max, torch.maximum, torch.fmax, "max", "maximum", "fmax")
+    nonneg = any(i.nonneg for i in operands) if is_max else all(i.nonneg for i in operands)
+    return Decision(out=Info(spatial=layout, zero=zero, nonneg=nonneg, aligned=aligned))
+
+
+for _target, _kind, _fill in ((torch.max, "max", float("-inf")), ("max", "max", float("-inf")),
+                              (torch.min, "min", float("inf")), ("min", "min", float("inf"))):
+    _impl = _target if callable(_target) else _method(_target)
+    register_rule(_target, _values_indices_rule(_kind, masked_reduce(_impl, _fill)))
+for _target in (torch.maximum, torch.minimum, torch.fmax, torch.fmin, "maximum", "minimum", "fmax", "fmin"):
+    register_rule(_target, _elementwise_extreme)
+
+
+def _channel_only_rule(keeps_zero: bool, nonneg: bool, indices: bool = False,
+                       dim_index: int = 1) -> Callable[[NodeView], Decision]:
+    """Reductions that are per site over channels and refused over space (no masked version)."""
+
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(0, "input")
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        ndim = len(view.shape(x))
+        dims = _norm_dims(view.arg(dim_index, "dim"), ndim)
+        if set(dims) & set(info.spatial):
+            raise Unsupported(f"{view.describe()} over a spatial dim (no masked version); register an adapter")
+        keepdim = bool(view.arg(dim_index + 1, "keepdim", False))
+        layout = info.spatial if keepdim else tuple(d - sum(1 for r in dims if r < d) for d in info.spatial)
+        return Decision(out=Info(spatial=layout, zero=keeps_zero and info.zero and not indices,
+                                 nonneg=nonneg or indices or info.nonneg and keeps_zero, aligned=info.aligned))
+
+    return rule
+
+
+for _target in (torch.argmax, torch.argmin, "argmax", "argmin"):
+    register_rule(_target, _channel_only_rule(False, True, indices=True))
+for _target in (torch.prod, "prod"):
+    register_rule(_target, _channel_only_rule(True, False))
+for _target in (torch.std, torch.var, "std", "var"):
+    register_rule(_target, _channel_only_rule(True, True))
+for _target in (torch.logsumexp, "logsumexp"):
+    register_rule(_target, _channel_only_rule(False, False))

@@ -102,10 +102,38 @@ def _reshape_rule(view: NodeView) -> Decision:
     return Decision(out=info.but(spatial=spatial))
 
 
-for _t in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-           torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten, nn.Flatten,
-           nn.Unflatten):
+def _unsqueeze_rule(view: NodeView) -> Decision:
+    # The new dim's position is explicit: no need to guess from sizes (a 1-pixel-high map is fine).
+    x = view.args[0] if view.args else view.kwargs.get("input")
+    info = view.info(x)
+    if info is None or info.spatial is None:
+        return passthrough_nonspatial(view)
+    dim = view.arg(1, "dim") % (len(view.shape(x)) + 1)
+    return Decision(out=info.but(spatial=tuple(d + (1 if d >= dim else 0) for d in info.spatial)))
+
+
+def _squeeze_rule(view: NodeView) -> Decision:
+    x = view.args[0] if view.args else view.kwargs.get("input")
+    info = view.info(x)
+    dim = view.arg(1, "dim")
+    if info is None or info.spatial is None or not isinstance(dim, int):
+        return _reshape_rule(view)
+    ndim = len(view.shape(x))
+    dim %= ndim
+    if dim in info.spatial:
+        raise Unsupported("squeezes a spatial dim")
+    if view.shape(x)[dim] != 1:  # a no-op
+        return Decision(out=info)
+    return Decision(out=info.but(spatial=tuple(d - (1 if d > dim else 0) for d in info.spatial)))
+
+
+for _t in ("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as",
+           torch.reshape, torch.flatten, torch.unflatten, nn.Flatten, nn.Unflatten):
     register_rule(_t, _reshape_rule)
+for _t in ("unsqueeze", "unsqueeze_", torch.unsqueeze):
+    register_rule(_t, _unsqueeze_rule)
+for _t in ("squeeze", "squeeze_", torch.squeeze):
+    register_rule(_t, _squeeze_rule)
 for _t in ("permute", torch.permute):
     register_rule(_t, _permute_rule)
 for _t in ("transpose", torch.transpose, "swapaxes", torch.swapaxes):
@@ -124,11 +152,23 @@ def _cat_rule(view: NodeView) -> Decision:
     spatial = [i for i in infos if i is not None and i.spatial is not None]
     if not spatial:
         return passthrough_nonspatial(view)
-    if len(spatial) != len(infos) or len({i.spatial for i in spatial}) != 1:
-        raise Unsupported("concatenates feature maps with non-spatial tensors or different layouts")
+    if len({i.spatial for i in spatial}) != 1:
+        raise Unsupported("concatenates feature maps with different layouts")
     ndim = len(shapes[0])
     dim = view.arg(1, "dim", 0)
     layout = spatial[0].spatial
+    for info, shape in zip(infos, shapes):
+        if info is None or info.spatial is not None:
+            continue
+        # a pooled vector broadcast over the map (expand / repeat) is one value per sample: a map
+        # that is simply not zero at masked sites; anything varying over space is a fixed map
+        varies = info.varies if info.varies is not None else shape
+        if not isinstance(varies, (tuple, torch.Size)) or len(varies) != ndim or any(
+                varies[d] != 1 for d in layout):
+            raise Unsupported("concatenates feature maps with a non-spatial tensor that varies over space "
+                              "(a coordinate channel or fixed map): it is not computed from the visible "
+                              "sites, so masked patches and a larger canvas would change what they see")
+        spatial.append(Info(spatial=layout, zero=False))
     if view.node.target is torch.stack:
         dim = dim % (ndim + 1)
         layout = tuple(d + (1 if d >= dim else 0) for d in layout)
@@ -202,13 +242,30 @@ def _getitem_rule(view: NodeView) -> Decision:
 register_rule(operator.getitem, _getitem_rule)
 
 
+def _getattr_rule(view: NodeView) -> Decision:
+    # ``torch.max(x, 1).values`` / ``.indices``: pick a field of a (values, indices) result.
+    container, name = view.args[0], view.args[1]
+    info = view.info(container)
+    if isinstance(info, tuple) and name in ("values", "indices"):
+        return Decision(out=info[0 if name == "values" else 1])
+    if isinstance(info, Info) and info.spatial is not None:
+        raise Unsupported(f"reads attribute .{name} of a feature map")
+    return passthrough_nonspatial(view)
+
+
+register_rule(getattr, _getattr_rule)
+
+
 def _expand_rule(view: NodeView) -> Decision:
     # A non-spatial tensor broadcast to a feature map's shape carries one value per sample/channel;
     # it stays a broadcast constant (ECA's y.expand_as(x)).
     x = view.args[0]
     info = view.info(x)
-    if info is None or info.spatial is None:
+    if info is None:
         return Decision(out=NONSPATIAL)
+    if info.spatial is None:  # values still vary only where the input's did
+        varies = info.varies if info.varies is not None else view.shape(x)
+        return Decision(out=info.but(varies=tuple(varies)))
     return Decision(out=info)
 
 
@@ -216,12 +273,51 @@ for _t in ("expand", "expand_as", torch.broadcast_to, "broadcast_to"):
     register_rule(_t, _expand_rule)
 
 
+def _repeat_rule(view: NodeView) -> Decision:
+    x = view.args[0]
+    info = view.info(x)
+    if info is None or info.spatial is None:
+        return _expand_rule(view)  # tiling a pooled vector is a broadcast of it
+    reps = _dims_arg(view, 1, "repeats")
+    shift = len(reps) - len(view.shape(x))
+    if any(reps[d + shift] != 1 for d in info.spatial):
+        raise Unsupported("repeats a feature map along a spatial dim")
+    return Decision(out=info.but(spatial=tuple(d + shift for d in info.spatial)))
+
+
+register_rule("repeat", _repeat_rule)
+
+
 def _fresh_rule(view: NodeView) -> Decision:
     # New tensors whose values do not come from any site (new_empty, zeros_like, bernoulli noise).
-    return Decision(out=NONSPATIAL)
+    return Decision(out=Info(spatial=None, varies=()))
 
 
 for _t in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "bernoulli_", "uniform_",
            "normal_", torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
-           torch.randn_like, torch.full_like):
+           torch.randn_like, torch.full_like, torch.zeros, torch.ones, torch.full, torch.empty, torch.rand,
+           torch.randn):
     register_rule(_t, _fresh_rule)
+
+
+def _pixel_shuffle_rule(down: bool):
+    # pixel_unshuffle (space-to-depth stems) gathers r x r neighbouring sites into channels: a mixing
+    # step that keeps a zero input zero once r divides the patch size (the output grid is then
+    # aligned); pixel_shuffle spreads each site's channels over r x r sites: a relayout per site.
+    def rule(view: NodeView) -> Decision:
+        x = view.args[0] if view.args else view.kwargs.get("input")
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        if info.spatial != (2, 3) or len(view.shape(x)) != 4:
+            raise Unsupported("pixel (un)shuffle of a map that is not in (N, C, H, W) layout")
+        out = Info(spatial=(2, 3), zero=info.zero or down, nonneg=info.nonneg, aligned=info.aligned)
+        return Decision(out=out, require_zero=[x] if down else [])
+
+    return rule
+
+
+for _t in (nn.PixelUnshuffle, torch.pixel_unshuffle, torch.nn.functional.pixel_unshuffle):
+    register_rule(_t, _pixel_shuffle_rule(down=True))
+for _t in (nn.PixelShuffle, torch.pixel_shuffle, torch.nn.functional.pixel_shuffle):
+    register_rule(_t, _pixel_shuffle_rule(down=False))

@@ -62,6 +62,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _saved_bytes(step, x, mask, exclude: set[int]) -> int:
+    """Bytes of the tensors autograd saves for backward during one step (unique storages, parameters
+    and buffers excluded): the activation memory a training step holds at its peak, independent of
+    the allocator and of machine load."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(x, mask)
+    return sum(seen.values())
+
+
+def _peak_rss_mib(args: argparse.Namespace, key: str) -> float:
+    """Peak resident memory (VmHWM) of a fresh process that builds the model and runs ``key``'s
+    steps alone: what the step costs the machine, allocator and all (CPU only)."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "benchmarks.step", "--model", args.model, "--batch", str(args.batch),
+            "--size", args.size, "--device", args.device, "--precision", args.precision, "--steps", "2",
+            "--warmup", "1", "--mask-ratio", str(args.mask_ratio), "--decoder-width", str(args.decoder_width),
+            "--seed", str(args.seed), "--rss-child", key]
+    for flag in ("channels_last", "encoder_only"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _vm_hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -110,13 +154,24 @@ def run(args: argparse.Namespace) -> dict:
         return step
 
     steps = {"sparse": step_fn(spark), "dense": step_fn(dense_spark)}
+    eager_steps = dict(steps)  # saved-tensor accounting runs eagerly (hooks would disturb compiled graphs)
     if args.compile:
         for key in steps:
             fwd = torch.compile(spark if key == "sparse" else dense_spark, fullgraph=True)
             steps[key] = step_fn(fwd)
 
+    if args.rss_child:  # one variant alone, for _peak_rss_mib: report this process's peak RSS
+        for i in range(args.warmup + args.steps):
+            steps[args.rss_child](x, masks[i % len(masks)])
+        print(f"{_vm_hwm_mib():.1f}")
+        return {}
+
     times: dict[str, list[float]] = {"sparse": [], "dense": []}
     memory: dict[str, int | None] = {"sparse": None, "dense": None}
+    params = {t.untyped_storage().data_ptr() for m in (spark, dense_spark) for t in
+              (*m.parameters(), *m.buffers())}
+    saved = {key: _saved_bytes(eager_steps[key], x, masks[0], params) for key in ("sparse", "dense")}
+    rss = {key: _peak_rss_mib(args, key) for key in ("sparse", "dense")} if args.rss else None
     sync_debug = args.sync_debug and device.type == "cuda"
     for key in ("sparse", "dense"):  # warm-up (and compilation), then peak memory of one step
         for i in range(args.warmup):
@@ -153,7 +208,13 @@ def run(args: argparse.Namespace) -> dict:
         median = statistics.median(times[key])
         result[key] = {"step_s": median, "images_per_s": args.batch / median,
                        "peak_memory_mib": None if memory[key] is None else memory[key] / 2**20}
+        result[key]["all_step_s"] = times[key]  # in timing order: shows the spread a median hides
+        result[key]["saved_for_backward_mib"] = saved[key] / 2**20
+        result[key]["peak_rss_mib"] = rss[key] if rss else None
     result["ratio"] = result["sparse"]["step_s"] / result["dense"]["step_s"]
+    result["saved_ratio"] = saved["sparse"] / saved["dense"]
+    if rss:
+        result["rss_ratio"] = rss["sparse"] / rss["dense"]
     if memory["sparse"] and memory["dense"]:
         result["memory_ratio"] = memory["sparse"] / memory["dense"]
     return result
@@ -161,17 +222,24 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_row(r: dict) -> str:
     mem = r["sparse"]["peak_memory_mib"]
-    mem_text = f"{mem:8.0f} / {r['dense']['peak_memory_mib']:8.0f}" if mem else "       n/a"
+    if mem:
+        mem_text = f"{mem:8.0f} / {r['dense']['peak_memory_mib']:8.0f}"
+    elif r["sparse"].get("peak_rss_mib"):
+        mem_text = f"RSS {r['sparse']['peak_rss_mib']:6.0f} / {r['dense']['peak_rss_mib']:6.0f}"
+    else:
+        mem_text = "       n/a"
+    saved = f"{r['sparse']['saved_for_backward_mib']:6.0f} / {r['dense']['saved_for_backward_mib']:6.0f}"
     return (f"| {r['model']:<18} | {r['batch']:>5} | {r['size'][0]}x{r['size'][1]:<4} | {r['precision']:<4} | "
             f"{'cl' if r['channels_last'] else '  '} {'compiled' if r['compile'] else 'eager   '}"
             f"{' enc' if r.get('encoder_only') else ''} | "
             f"{r['sparse']['step_s'] * 1e3:9.1f} | {r['dense']['step_s'] * 1e3:9.1f} | "
             f"{r['sparse']['images_per_s']:8.1f} | {r['dense']['images_per_s']:8.1f} | {mem_text} | "
-            f"{r['ratio']:5.3f} |")
+            f"{saved} | {r['ratio']:5.3f} |")
 
 
 HEADER = ("| model              | batch | size     | prec | layout/mode | sparse ms | dense ms  | sparse/s | "
-          "dense/s  | peak MiB sparse / dense | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "dense/s  | peak MiB sparse / dense | saved MiB sparse / dense | ratio |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,10 +261,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="CUDA: torch.cuda.set_sync_debug_mode('error') around every sparse step")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rss", action="store_true",
+                        help="CPU: also measure each variant's peak RSS in a fresh process (slower)")
+    parser.add_argument("--rss-child", choices=["sparse", "dense"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rss_child:
+        run(argparse.Namespace(**{**vars(args), "model": args.model[0]}))
+        return
     results = []
     print(HEADER, flush=True)
     for name in args.model:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .analyse import eval_mode
 from .errors import SparsifyError
-from .stages import node_stride
+from .stages import discover_stages, node_stride
 from .trace import module_path
 
 __all__ = ["check_total_stride", "unaligned_stem"]
@@ -55,13 +55,15 @@ def _fake_shapes(gm: fx.GraphModule, model: nn.Module, in_chans: int, size: tupl
 
 
 def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size: tuple[int, int],
-                        error: SparsifyError | None) -> None:
+                        error: SparsifyError | None, names: list[str] | None = None) -> None:
     """Raise a SparsifyError stating the network's true total stride when ``size`` does not fit it, or
     naming the first layer whose grid never lines up with the input's (an unpadded convolution).
 
     Shapes at ``size`` itself cannot tell the stride when it does not divide (sizes get rounded), so
-    the network is measured at a probe size divisible by every usual stride. Returns quietly when
-    the probe finds nothing to add (the caller then raises its own error).
+    the network is measured at a probe size divisible by every usual stride, and the patch size is
+    the stride of the last stage found there (the user's ``names``, or the automatic choice), else of
+    the deepest map the output depends on. Returns quietly when the probe finds nothing to add (the
+    caller then raises its own error).
     """
     probe_a, probe_b = (_PROBE, _PROBE), (2 * _PROBE, 2 * _PROBE)
     shapes_a = _fake_shapes(gm, model, in_chans, probe_a)
@@ -69,8 +71,12 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
     if shapes_a is None or shapes_b is None:
         return
     nodes = list(gm.graph.nodes)
-    output = nodes[-1]
-    needed: set[fx.Node] = set()
+    try:
+        stages = discover_stages(gm, shapes_a, shapes_b, probe_a, probe_b, names)
+    except SparsifyError:
+        stages = None
+    output = stages[-1][0] if stages else nodes[-1]
+    needed: set[fx.Node] = {output} if stages else set()
     todo = [output]
     while todo:
         n = todo.pop()
@@ -87,8 +93,9 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
             lo = tuple(max(ratio, v // ratio * ratio) for v in size)
             hi = tuple(math.ceil(v / ratio) * ratio for v in size)
             raise SparsifyError(
-                f"input_size {size[0]}x{size[1]} is not a multiple of {name}'s downsample ratio {ratio} (its "
-                f"total stride, which is also the mask patch size); use e.g. {lo[0]}x{lo[1]} or {hi[0]}x{hi[1]}")
+                f"input_size {size[0]}x{size[1]} is not a multiple of {name}'s downsample ratio {ratio} (the "
+                f"stride of its last stage, which is also the mask patch size); use e.g. {lo[0]}x{lo[1]} or "
+                f"{hi[0]}x{hi[1]}")
         return
     for n in nodes:
         shape = shapes_a.get(n)

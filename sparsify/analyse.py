@@ -68,10 +68,22 @@ class _ShapeRecorder(fx.Interpreter):
             raise SparsifyError(
                 f"running the traced graph on the example input failed at node '{n.name}' "
                 f"({describe_target(n)}): {type(error).__name__}: {error}. Check input_size and in_chans "
-                "match what the model accepts."
+                "match what the model accepts." + self._fixed_map_hint(n)
             ) from error
         self.shapes[n] = _shape_of(result)
         return result
+
+    def _fixed_map_hint(self, n: fx.Node) -> str:
+        """Name a model tensor of fixed spatial size among the failing node's inputs, if any."""
+        for arg in n.all_input_nodes:
+            if arg.op != "get_attr":
+                continue
+            shape = self.shapes.get(arg)
+            if isinstance(shape, torch.Size) and len(shape) >= 3 and shape[-1] > 1 and shape[-2] > 1:
+                return (f" '{arg.target}' has a fixed shape {tuple(shape)}: a fixed map combined with feature "
+                        "maps fits one input size only and is not computed from the visible sites, so it "
+                        "cannot be made sparse (coordinate channels and positional biases are refused).")
+        return ""
 
 
 def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, Any]:
@@ -221,6 +233,26 @@ def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio, input_node, to
     return infos, decisions, problems
 
 
+def _attention_nodes(problems: list[tuple[fx.Node, str]]) -> str:
+    """Matrix products downstream of the refused nodes (attention written by hand), named, or ''."""
+    import operator
+
+    products = {torch.matmul, torch.bmm, torch.einsum, torch.baddbmm, operator.matmul, "matmul", "bmm",
+                torch.nn.functional.scaled_dot_product_attention}
+    seen: set[fx.Node] = set()
+    todo = [node for node, _ in problems]
+    hits = []
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+                if user.target in products:
+                    hits.append(f"'{user.name}'")
+    return ", ".join(sorted(hits)[:6])
+
+
 def _problem_report(problems: list[tuple[fx.Node, str]], modules: dict[str, nn.Module]) -> str:
     lines = [f"sparsify cannot make {len(problems)} operation(s) mask-aware (they touch spatial dims "
              "in a way no adapter covers):"]
@@ -229,6 +261,10 @@ def _problem_report(problems: list[tuple[fx.Node, str]], modules: dict[str, nn.M
         path = f" in module '{owner}'" if owner and node.op != "call_module" else ""
         kind = f" ({type(modules[node.target]).__name__})" if node.op == "call_module" else ""
         lines.append(f"  - node '{node.name}': {describe_target(node)}{kind}{path}: {reason}")
+    attention = _attention_nodes(problems)
+    if attention:
+        lines.append(f"The model uses attention over positions ({attention}): attention mixes every position "
+                     "with every other, so masked patches cannot be treated as absent.")
     lines.append(
         "Attention over positions, unfold, spatial slicing and unknown leaf modules cannot be simulated "
         "as sparse convolution. If the operation is in fact mask-safe, or you can write a masked version, "

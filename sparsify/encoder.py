@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsify.adapters  # noqa: F401  (registers the built-in rules)
-from sparsify.adapters.batch_norm import masked_batch_norm, masked_batch_norm_fn
+from sparsify.adapters.batch_norm import BATCH_NORM_FUNCTIONS
 from sparsify.adapters.group_norm import masked_group_norm, masked_group_norm_fn
 
 from ._grid import check_total_stride, unaligned_stem
@@ -25,6 +25,7 @@ from .modes import live_mode_flags
 from .rewrite import build_dense_graph, build_sparse_graph
 from .stages import GraphNode, Stage, describe_nodes, discover_stages
 from .trace import module_path, trace
+from .train_branches import cut_training_branches
 
 __all__ = ["wrap", "SparseEncoder", "graph_node_names"]
 
@@ -60,8 +61,8 @@ def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, int])
             return chans, record_shapes(gm, _example(model, chans, size))
         except SparsifyError as e:
             error = error or e
-    raise SparsifyError(f"could not infer the number of input channels of {type(model).__name__} (tried "
-                        f"{candidates}); pass in_chans=... to sparsify.wrap.\nDetails: {error}")
+    # Every candidate failed: the first conv's count failed for another reason, so report that run.
+    raise error if error is not None else SparsifyError("could not infer in_chans; pass in_chans=...")
 
 
 @contextlib.contextmanager
@@ -91,6 +92,9 @@ def _trace_checked(model, leaf_modules, autowrap_functions, tracer_kwargs, concr
     with eval_mode(model):
         eval_gm = trace(model, leaf_modules, autowrap_functions, tracer_kwargs, concrete_args)
     a, b = _signature(train_gm), _signature(eval_gm)
+    cut = cut_training_branches(train_gm, eval_gm) if a != b else None
+    if cut is not None:  # train mode only adds branches (aux heads) that the eval computation never reads
+        train_gm, a = cut, _signature(cut)
     if a != b and _attention_report(eval_gm):
         raise SparsifyError(f"cannot wrap {type(model).__name__}." + _attention_report(eval_gm))
     if a != b:
@@ -150,7 +154,7 @@ def _norm_type(gm: fx.GraphModule) -> str | None:
             elif isinstance(m, nn.GroupNorm):
                 counts["group"] += 1
         elif node.op == "call_function":
-            if target in (F.batch_norm, masked_batch_norm, masked_batch_norm_fn):
+            if target is F.batch_norm or target in BATCH_NORM_FUNCTIONS:
                 counts["batch"] += 1
             elif target in (F.layer_norm,):
                 counts["layer"] += 1
@@ -389,11 +393,11 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     try:
         chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
     except SparsifyError as error:
-        check_total_stride(model, gm, in_chans, size_a, error)
+        check_total_stride(model, gm, in_chans, size_a, error, names)
         raise
     ratio = chosen[-1][1].stride
     if size_a[0] % ratio or size_a[1] % ratio:
-        check_total_stride(model, gm, in_chans, size_a, None)
+        check_total_stride(model, gm, in_chans, size_a, None, names)
         raise SparsifyError(f"input_size {size_a} is not a multiple of the network's downsample ratio "
                             f"{ratio}; pass input_size as a multiple of {ratio}")
 

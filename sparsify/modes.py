@@ -24,45 +24,34 @@ from .trace import owner_path
 __all__ = ["live_mode_flags"]
 
 
-def _differences(a: Any, b: Any, where: str) -> list[tuple[str, Any, Any]]:
-    """Positions (``where``) at which two fx argument structures differ, with both values."""
+def _differences(a: Any, b: Any, path: tuple = ()) -> list[tuple[tuple, Any, Any]]:
+    """Where (a key path into args / kwargs) two fx argument structures differ, with both values."""
     if isinstance(a, fx.Node) or isinstance(b, fx.Node):
         same = isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name
-        return [] if same else [(where, a, b)]
+        return [] if same else [(path, a, b)]
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, (*path, i))]
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
-        return [d for k in a for d in _differences(a[k], b[k], f"{where}[{k!r}]")]
+        return [d for k in a for d in _differences(a[k], b[k], (*path, k))]
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and torch.equal(a, b))
-        return [] if same else [(where, a, b)]
+        return [] if same else [(path, a, b)]
     if type(a) is not type(b) or a != b:
-        return [(where, a, b)]
+        return [(path, a, b)]
     return []
 
 
-def _replace(value: Any, path: list[Any], new: Any) -> Any:
+def _replace(value: Any, path: tuple, new: Any) -> Any:
+    """``value`` with the item at key ``path`` replaced by ``new`` (tuples and dicts rebuilt)."""
     if not path:
         return new
     key, rest = path[0], path[1:]
     if isinstance(value, dict):
-        out = dict(value)
-        out[key] = _replace(value[key], rest, new)
-        return out
+        return {**value, key: _replace(value[key], rest, new)}
     items = list(value)
     items[key] = _replace(items[key], rest, new)
-    return type(value)(items) if not isinstance(value, list) else items
-
-
-def _parse(where: str) -> tuple[str, list[Any]]:
-    """``"kwargs['training']"`` -> ("kwargs", ["training"]); ``"args[5]"`` -> ("args", [5])."""
-    head, _, rest = where.partition("[")
-    keys: list[Any] = []
-    for part in ("[" + rest).split("[")[1:] if rest else []:
-        token = part.rstrip("]")
-        keys.append(int(token) if token.isdigit() else token.strip("'\""))
-    return head, keys
+    return items if isinstance(value, list) else type(value)(items)
 
 
 def _install(gm: fx.GraphModule, model: nn.Module, path: str) -> None:
@@ -107,10 +96,10 @@ def live_mode_flags(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, model_nam
     """
     train_nodes = {n.name: n for n in train_gm.graph.nodes}
     problems: list[str] = []
-    changes: list[tuple[fx.Node, str, list[tuple[str, list[Any]]]]] = []
+    changes: list[tuple[fx.Node, str, list[tuple]]] = []
     for node in eval_gm.graph.nodes:
         twin = train_nodes[node.name]
-        diffs = _differences(twin.args, node.args, "args") + _differences(twin.kwargs, node.kwargs, "kwargs")
+        diffs = _differences(twin.args, node.args, ("args",)) + _differences(twin.kwargs, node.kwargs, ("kwargs",))
         if not diffs:
             continue
         owner = owner_path(node)
@@ -118,7 +107,7 @@ def live_mode_flags(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, model_nam
         flags = []
         for position, in_train, in_eval in diffs:
             if in_train is True and in_eval is False:
-                flags.append(_parse(position))
+                flags.append(position)
             else:
                 problems.append(f"  - {where}: argument {_readable(position)} is {in_train!r} in train mode "
                                 f"and {in_eval!r} in eval mode")
@@ -139,12 +128,12 @@ def live_mode_flags(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, model_nam
             _install(eval_gm, model, owner)
         flag = _flag_node(graph, node, owner, cache)
         args, kwargs = node.args, dict(node.kwargs)
-        for head, keys in flags:
+        for head, *keys in flags:
             if head == "args":
-                args = _replace(args, keys, flag)
+                args = _replace(args, tuple(keys), flag)
             else:
-                kwargs = _replace(kwargs, keys, flag)
-            made.append(f"{node.name}.{head}{keys} <- {owner or '<root>'}.training")
+                kwargs = _replace(kwargs, tuple(keys), flag)
+            made.append(f"{node.name} {_readable((head, *keys))} <- {owner or '<root>'}.training")
         node.args, node.kwargs = tuple(args), kwargs
     if made:
         eval_gm.recompile()
@@ -157,8 +146,10 @@ def _describe(node: fx.Node) -> str:
     return f"{node.op} {name}"
 
 
-def _readable(position: str) -> str:
-    head, keys = _parse(position)
-    if head == "kwargs" and keys:
-        return repr(keys[0])
-    return f"#{keys[0]}" if keys else position
+def _readable(position: tuple) -> str:
+    """``("kwargs", "training")`` -> ``'training'``; ``("args", 5)`` -> ``#5``; nested keys follow."""
+    head, *keys = position
+    if not keys:
+        return head
+    first = repr(keys[0]) if head == "kwargs" else f"#{keys[0]}"
+    return first + "".join(f"[{k!r}]" for k in keys[1:])

@@ -16,7 +16,7 @@ from sparsify.adapters._stats import apply_mask
 
 from .analyse import Analysis
 
-__all__ = ["build_sparse_graph", "build_dense_graph", "mask_like", "apply_mask"]
+__all__ = ["build_sparse_graph", "build_dense_graph", "mask_like", "sample_mask_like", "apply_mask"]
 
 
 def mask_like(mask: torch.Tensor | None, ref: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor | None:
@@ -38,6 +38,15 @@ def mask_like(mask: torch.Tensor | None, ref: torch.Tensor, spatial: tuple[int, 
     shape = [1] * ref.dim()
     shape[0], shape[spatial[0]], shape[spatial[1]] = m.shape[0], h, w
     return m.reshape(shape)
+
+
+def sample_mask_like(mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample 0/1 weights shaped (B, 1, ..., 1) like ``ref``: 1 where the sample has any active
+    site. Batch statistics over pooled vectors use it to leave fully masked samples out."""
+    if mask is None:
+        return None
+    seen = mask.flatten(1).any(1).to(torch.float32)
+    return seen.view([mask.shape[0]] + [1] * (ref.dim() - 1))
 
 
 def _cut(gm: fx.GraphModule, outputs: list[fx.Node]) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
@@ -95,7 +104,13 @@ def build_sparse_graph(gm: fx.GraphModule, analysis: Analysis, outputs: list[fx.
             continue
         decision = analysis.decisions.get(node)
         if decision is not None and decision.masked is not None:
-            m = mask_for(decision.mask_of, env[decision.mask_of])
+            if decision.sample_mask:
+                key = ("sample", len(shapes_a[decision.mask_of]))
+                if key not in mask_nodes:
+                    mask_nodes[key] = graph.call_function(sample_mask_like, (mask_in, env[decision.mask_of]))
+                m = mask_nodes[key]
+            else:
+                m = mask_for(decision.mask_of, env[decision.mask_of])
             if node.op == "call_module":
                 if len(node.args) != 1 or node.kwargs:
                     raise NotImplementedError(f"adapter for module call with extra arguments ({node.name})")

@@ -126,10 +126,18 @@ def _is_norm_tail(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 _MEANS = {torch.mean, torch.var, torch.std, torch.var_mean, F.layer_norm}
 
 
-def _is_tail_step(call: Call | None, node: fx.Node, g: _Graph) -> bool:
-    """A step that ends no stage: a per-site LayerNorm (any implementation), its permutes, or Identity."""
-    if call is None:
-        return _is_norm_tail(node, g.modules)
+def _before_norm_tail(g: _Graph, node: fx.Node, stride: int) -> fx.Node | None:
+    """The map at ``stride`` that ``node`` is a trailing LayerNorm / permute / Identity chain of, or None."""
+    back = node
+    while _is_norm_tail(back, g.modules) and back.all_input_nodes:
+        back = back.all_input_nodes[0]
+        if g.strides.get(back) == stride:
+            return back
+    return None
+
+
+def _is_norm_call(call: Call, g: _Graph) -> bool:
+    """A module call that ends no stage: a per-site LayerNorm (any implementation) or an Identity."""
     if call.type is not None and issubclass(call.type, (nn.LayerNorm, nn.Identity)):
         return True
     # A hand-written norm (e.g. a channels-first LayerNorm): normalises, keeps the shape, and holds
@@ -349,10 +357,12 @@ def _stage_end(g: _Graph, level: tuple[str, ...], stride: int, limit: int, neede
         steps = [(call, out) for call, out in g.calls.items(level, g.nodes)
                  if out in needed and g.strides.get(out) == stride and g.order[out] < limit
                  and g.everything_depends_on(out)]
-        while len(steps) > 1 and _is_tail_step(*steps[-1], g):
+        while len(steps) > 1 and steps[-1][0] is not None and _is_norm_call(steps[-1][0], g):
             steps.pop()
         if steps:
-            return steps[-1][1]
+            out = steps[-1][1]
+            back = _before_norm_tail(g, out, stride) if steps[-1][0] is None else None
+            return back if back is not None and g.everything_depends_on(back) else out
         if not level:
             return None
         level = level[:-1]
@@ -362,12 +372,8 @@ def _last_node_at(g: _Graph, candidates: list[fx.Node], stride: int) -> fx.Node 
     """The fallback: the last node at ``stride`` that the output depends on, before a trailing LayerNorm."""
     at_stride = [n for n in candidates if g.strides[n] == stride]
     found = next((n for n in reversed(at_stride) if g.everything_depends_on(n)), None)
-    back = found
-    while back is not None and _is_norm_tail(back, g.modules) and back.all_input_nodes:
-        back = back.all_input_nodes[0]
-        if g.strides.get(back) == stride:
-            return back
-    return found
+    back = _before_norm_tail(g, found, stride) if found is not None else None
+    return back if back is not None else found
 
 
 class GraphNode(NamedTuple):

@@ -51,11 +51,15 @@ class SparsifyTracer(fx.Tracer):
         functions = tuple(timm_functions) + tuple(autowrap_functions)
         functions += tuple(tracer_kwargs.pop("autowrap_functions", ()))
         proxy_buffers = tracer_kwargs.pop("proxy_buffer_attributes", True)
+        kept_whole = set(tracer_kwargs.pop("kept_whole", ()))
         super().__init__(autowrap_functions=functions, **tracer_kwargs)
         # Buffers read in forward become get_attr nodes (live), not tensors baked in at trace time.
         self.proxy_buffer_attributes = proxy_buffers
         self._user_leaves = tuple(leaf_modules)
-        self._leaf_types = set(module_rule_types()) | timm_modules
+        # timm's own fx leaves are traced through (most are plain convs and norms inside); only those
+        # whose tracing failed are kept whole (see _trace_with_fallback).
+        self.timm_leaves = timm_modules - set(module_rule_types())
+        self._leaf_types = set(module_rule_types()) | kept_whole
         self.module_calls: dict[str, int] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -152,9 +156,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
     own_buffers = set(model._buffers)
     own_parameters = set(model._parameters)
     try:
-        tracer = SparsifyTracer(leaf_modules, autowrap_functions, **kwargs)
         try:
-            graph = tracer.trace(model, concrete_args=fixed or None)
+            tracer, graph = _trace_with_fallback(model, leaf_modules, autowrap_functions, kwargs, fixed)
         except SparsifyError:
             raise
         except Exception:
@@ -164,8 +167,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
             # a model with buffers read as tensors, as fx does by default.
             for name in set(model.__dict__) - own_attributes:
                 delattr(model, name)
-            tracer = SparsifyTracer(leaf_modules, autowrap_functions, proxy_buffer_attributes=False, **kwargs)
-            graph = tracer.trace(model, concrete_args=fixed or None)
+            tracer, graph = _trace_with_fallback(model, leaf_modules, autowrap_functions,
+                                                 {**kwargs, "proxy_buffer_attributes": False}, fixed)
             if any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in graph.nodes):
                 warnings.warn(
                     f"{type(model).__name__}'s forward branches on a buffer's value, so its buffers were traced as "
@@ -194,6 +197,43 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), autowrap_function
     gm.meta["module_calls"] = dict(tracer.module_calls)
     gm.meta["concrete_args"] = dict(fixed)
     return gm
+
+
+def _trace_with_fallback(model: nn.Module, leaf_modules, autowrap_functions, tracer_kwargs: dict,
+                         fixed: dict[str, Any]) -> tuple[SparsifyTracer, fx.Graph]:
+    """Trace through timm's fx leaf modules; keep one whole only when tracing inside it fails."""
+    kept: set[type] = set()
+    own_attributes = set(model.__dict__)
+    while True:
+        tracer = SparsifyTracer(leaf_modules, autowrap_functions, kept_whole=kept, **tracer_kwargs)
+        try:
+            return tracer, tracer.trace(model, concrete_args=fixed or None)
+        except SparsifyError:
+            raise
+        except Exception as error:
+            owner = _timm_leaf_around(model, getattr(error, "_sparsify_module_path", None),
+                                      tracer.timm_leaves - kept)
+            if owner is None:
+                raise
+            kept.add(owner)
+            for name in set(model.__dict__) - own_attributes:
+                delattr(model, name)
+
+
+def _timm_leaf_around(model: nn.Module, path: str | None, candidates: set[type]) -> type | None:
+    """The type of the outermost module on ``path`` (the failing one and its parents) that timm
+    declares an fx leaf, or None."""
+    if not path or not candidates:
+        return None
+    parts = path.split(".")
+    for i in range(1, len(parts) + 1):
+        try:
+            module = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            return None
+        if type(module) in candidates:
+            return type(module)
+    return None
 
 
 def _trace_error(model: nn.Module, error: Exception, fixed: dict[str, Any]) -> SparsifyError:

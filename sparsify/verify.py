@@ -9,7 +9,7 @@ shares the model's parameter and buffer objects under the same names.
 
 Stochastic layers (dropout, drop path, drop block) stay in train mode, but every comparison between
 runs on differently shaped inputs holds their random draws at the most likely value
-(:func:`sparsify.testing._draws.fixed_draws`): their draws depend on the shape, not on the contract.
+(:func:`sparsify.testing.fixed_draws`): their draws depend on the shape, not on the contract.
 Zero at masked sites is checked with real draws.
 
 All failures are collected into one :class:`~sparsify.SparsifyError` whose message lists every

@@ -140,7 +140,27 @@ class InlineResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _stage_values(model: nn.Module, enc: sparsify.SparseEncoder, x: torch.Tensor) -> list[torch.Tensor]:
+class ChannelsLastDownsampleNet(nn.Module):
+    """Inline stages with a channels-last LayerNorm (permute, LayerNorm, permute) starting the downsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, 4)
+        self.a = nn.Conv2d(8, 8, 3, 1, 1)
+        self.ds_norm = nn.LayerNorm(8)
+        self.down = nn.Conv2d(8, 16, 2, 2)
+        self.b = nn.Conv2d(16, 16, 3, 1, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.a(x)
+        x = self.ds_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.down(x)
+        return x + self.b(x)
+
+
+def _stage_values(enc: sparsify.SparseEncoder, x: torch.Tensor) -> list[torch.Tensor]:
+    """The stage maps of the dense encoder (the unmodified network cut at the stages)."""
     with torch.no_grad():
         return enc.dense_encoder()(x)
 
@@ -173,7 +193,7 @@ def test_official_layout_convnext_stages_end_before_downsample_and_head_norms(si
     assert [s.module for s in enc.stages] == ["stages.0", "stages.1", "stages.2", "stages.3"]
     assert enc.feature_channels == [8, 16, 32, 64] and enc.feature_strides == [4, 8, 16, 32]
     x = torch.randn(2, 3, 64, 64)
-    _assert_same_maps(_stage_values(model, enc, x), _hooked(model, [s.module for s in enc.stages], x))
+    _assert_same_maps(_stage_values(enc, x), _hooked(model, [s.module for s in enc.stages], x))
 
 
 def test_inverted_residual_stages_are_block_outputs_not_expanded_activations():
@@ -184,7 +204,7 @@ def test_inverted_residual_stages_are_block_outputs_not_expanded_activations():
     assert [s.module for s in enc.stages] == ["blocks.1", "blocks.2", "blocks.4", "blocks.5"]
     assert enc.feature_channels == [8, 12, 16, 24]
     x = torch.randn(2, 3, 64, 64)
-    _assert_same_maps(_stage_values(model, enc, x), _hooked(model, ["blocks.1", "blocks.2", "blocks.4", "blocks.5"], x))
+    _assert_same_maps(_stage_values(enc, x), _hooked(model, ["blocks.1", "blocks.2", "blocks.4", "blocks.5"], x))
 
 
 def test_inline_residual_stages_end_at_the_merge():
@@ -192,6 +212,8 @@ def test_inline_residual_stages_end_at_the_merge():
     model = InlineResNet().eval()
     enc = sparsify.wrap(model, (32, 32))
     assert [(s.name, s.stride, s.module) for s in enc.stages] == [("add", 4, None), ("add_1", 8, None)]
+    enc = sparsify.wrap(ChannelsLastDownsampleNet(), (32, 32))  # the stage ends before the permuted norm
+    assert [(s.name, s.stride) for s in enc.stages] == [("add", 4), ("add_1", 8)]
 
 
 def test_timm_convnext_without_pooling_ends_before_its_head_norm():
@@ -200,7 +222,7 @@ def test_timm_convnext_without_pooling_ends_before_its_head_norm():
     enc = sparsify.wrap(model, (64, 64))
     assert enc.stages[-1].module == "stages.3" and enc.feature_channels == [40, 80, 160, 320]
     x = torch.randn(1, 3, 64, 64)
-    _assert_same_maps(_stage_values(model, enc, x)[-1:], _hooked(model, ["stages.3"], x))
+    _assert_same_maps(_stage_values(enc, x)[-1:], _hooked(model, ["stages.3"], x))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,7 +324,7 @@ def test_backbones_returning_their_scales_wrap_and_keep_the_contract(kind):
     returned = list(returned.values()) if isinstance(returned, dict) else list(returned)
     expected = [t for t in returned if t.shape[-1] * strides[0] <= size[1]]  # stride >= 4, fine to coarse
     expected.sort(key=lambda t: -t.shape[-1])
-    _assert_same_maps(_stage_values(model, enc, x), expected)
+    _assert_same_maps(_stage_values(enc, x), expected)
     results = assert_sparse_semantics(enc, input_size=size, batch=2, generator=torch.Generator().manual_seed(0))
     assert results and all(r.passed for r in results)
 

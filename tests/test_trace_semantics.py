@@ -153,7 +153,7 @@ def test_live_flags_under_compile_fullgraph():
     torch.manual_seed(0)
     model = FunctionalNet()
     enc = sparsify.wrap(model, (32, 32), **WRAP)
-    compiled = torch.compile(enc, fullgraph=True, backend="eager")
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 32, 32)
     for train in (False, True):
         got = _enc_out(compiled, x, train)
@@ -299,3 +299,15 @@ def test_branching_on_a_buffer_still_wraps_with_a_warning():
         enc = sparsify.wrap(model, (32, 32))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(_enc_out(enc, x, False), _model_out(model, x, "", False))
+
+
+def test_live_flags_survive_pickling():
+    import pickle
+
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    enc = pickle.loads(pickle.dumps(sparsify.wrap(model, (32, 32), **WRAP)))
+    twin = enc.source_model  # the pickled copy of the model, sharing the copy's modules
+    x = torch.randn(2, 3, 32, 32)
+    for train in (True, False):
+        torch.testing.assert_close(_enc_out(enc, x, train), _model_out(twin, x, "head", train), rtol=1e-10, atol=1e-10)

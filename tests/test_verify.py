@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import sparsify
 from sparsify import encoder as encoder_module
-from sparsify.testing._draws import fixed_draws
+from sparsify.testing import fixed_draws
 
 
 class Block(nn.Module):

@@ -148,6 +148,8 @@ def test_input_size_error_states_the_true_total_stride(size, advice):
         sparsify.wrap(model, size)
     enc = sparsify.wrap(model, (int(advice[:2]), int(advice[:2])))  # following the advice works
     assert enc.downsample_ratio == 32
+    with pytest.raises(sparsify.SparsifyError, match="downsample ratio 16 "):  # stages ending at stride 16
+        sparsify.wrap(model, size, stages=["layer1", "layer2", "layer3"])
 
 
 def test_unpadded_first_layer_is_refused_with_the_reason():

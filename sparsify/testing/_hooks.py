@@ -25,7 +25,7 @@ class _Done(Exception):
 
 def _detach(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return value.detach().clone()  # a clone: later in-place ops of the forward must not change it
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes fields positionally
         return type(value)(*(_detach(v) for v in value))
     if isinstance(value, (list, tuple)):
@@ -63,7 +63,7 @@ def capture_module_outputs(
         kwargs: extra keyword arguments for ``model(x, **kwargs)``.
 
     Returns:
-        ``{name: output}`` in the order given, detached; the output as the module returned it (a
+        ``{name: output}`` in the order given, detached copies; the output as the module returned it (a
         tensor, or a tuple/list/dict of tensors). A module called more than once keeps its last call.
 
     Raises:

@@ -9,6 +9,7 @@ same names from :mod:`sparsify.testing`. Where each check lives:
   (:func:`assert_sparse_semantics`, :func:`run_contract_checks`);
 * ``_reference``: gather-based references for one adapter (:func:`assert_matches_reference`);
 * ``_hooks``: the unmodified model's own module outputs (:func:`capture_module_outputs`);
+* ``_draws``: random draws held at their most likely value (:func:`fixed_draws`);
 * infrastructure: ``_results`` (:class:`CheckResult`, tolerances), ``_state``
   (:func:`preserved_state`), ``_compare``, ``_geometry``, ``_witness`` (the float64 rounding witness).
 """
@@ -19,6 +20,7 @@ from ._batch import assert_masked_samples_invisible, check_masked_samples_invisi
 from ._canvas import assert_canvas_invariant, check_canvas_invariant
 from ._contract import assert_sparse_semantics, run_contract_checks
 from ._dense import assert_dense_equal, check_dense_equal
+from ._draws import fixed_draws
 from ._hooks import capture_module_outputs
 from ._reference import (
     assert_matches_reference,
@@ -52,6 +54,7 @@ __all__ = [
     "check_model_untouched",
     "check_shares_parameters",
     "check_zero_at_masked",
+    "fixed_draws",
     "format_results",
     "gather_active",
     "preserved_state",

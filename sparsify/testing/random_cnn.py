@@ -17,9 +17,13 @@ conv itself, by an explicit ``F.pad`` or TF-"same" style (asymmetric), written a
 functional ``F.conv2d`` or timm's weight-standardised ``StdConv2d``; BatchNorm2d, timm's
 BatchNormAct2d and GroupNormAct, LayerNorm over channels (permute -> nn.LayerNorm -> permute, and
 ``timm.layers.LayerNorm2d``), GroupNorm, InstanceNorm; max and average pooling (modules and
-functional, with ``ceil_mode`` and ``count_include_pad``); squeeze-and-excitation blocks (mean,
-sum, amax, adaptive avg / max pooling), ECA (1-D conv across channels) and GRN (ConvNeXt-V2 global
-response norm); residual adds; channel concatenation and channel split (CSP-style); ConvNeXt-style
+functional, with ``ceil_mode`` and ``count_include_pad``, or after an explicit ``nn.ZeroPad2d``);
+squeeze-and-excitation blocks (mean, sum, amax, adaptive avg / max pooling, whole-map
+``F.avg_pool2d(x, x.size()[2:])`` / ``F.max_pool2d``, BatchNorm over the pooled vectors), ECA (1-D
+conv across channels), GRN (ConvNeXt-V2 global response norm, also written with ``addcmul`` or
+``lerp``), CBAM spatial attention (``torch.max`` / ``min`` / ``mean`` over channels, values and
+indices) and ASPP's image-pool branch (global pool, 1x1 conv, BatchNorm, upsampled from 1x1 and
+concatenated); residual adds; channel concatenation and channel split (CSP-style); ConvNeXt-style
 channels-last blocks; down-up blocks (strided conv, then nearest / bilinear interpolation or a
 transposed conv, merged by add or concat); activations with ``f(0) != 0`` (sigmoid, hardsigmoid,
 softplus) besides relu / gelu / silu / ...; and optionally a classification head (global pool ->
@@ -47,10 +51,12 @@ __all__ = [
     "ECASpec",
     "GRNSpec",
     "HeadSpec",
+    "ImagePoolSpec",
     "PoolSpec",
     "RandomCNN",
     "ResidualSpec",
     "SESpec",
+    "SpatialGateSpec",
     "SplitSpec",
     "build_cnn",
     "every_ingredient_spec",
@@ -160,7 +166,8 @@ class PoolSpec:
     """Max or average pooling (``kind`` is ``"max"`` or ``"avg"``).
 
     Size-exact configurations: (k=2, s=2, p=0), (k=3, s=2, p=1), (k=3, s=2, p=0, ceil_mode=True),
-    (k=3, s=1, p=1).
+    (k=3, s=1, p=1). ``zero_pad`` writes the padding as ``nn.ZeroPad2d`` followed by an unpadded pool
+    (a "same"-padding stem: the zeros count, also for max pooling).
     """
 
     kind: str = "max"
@@ -170,6 +177,7 @@ class PoolSpec:
     ceil_mode: bool = False
     count_include_pad: bool = True
     functional: bool = False
+    zero_pad: bool = False  # the padding written as an explicit nn.ZeroPad2d before an unpadded pool
 
     def out_channels(self, cin: int) -> int:
         return cin
@@ -184,8 +192,10 @@ class SESpec:
 
     ``pool`` selects how the global mean is written: ``"mean"`` (``x.mean((2, 3), keepdim=True)``),
     ``"adaptive"`` (``nn.AdaptiveAvgPool2d(1)``), ``"functional"`` (``F.adaptive_avg_pool2d``),
-    ``"sum"`` (``x.sum((2, 3), keepdim=True)``), ``"amax"`` (``x.amax((2, 3), keepdim=True)``) or
-    ``"adaptive_max"`` (``nn.AdaptiveMaxPool2d(1)``).
+    ``"sum"`` (``x.sum((2, 3), keepdim=True)``), ``"amax"`` (``x.amax((2, 3), keepdim=True)``),
+    ``"adaptive_max"`` (``nn.AdaptiveMaxPool2d(1)``), ``"whole_avg"`` / ``"whole_max"``
+    (``F.avg_pool2d(x, x.size()[2:])`` / ``F.max_pool2d(x, x.shape[2:])``, then ``.view(b, c)`` and back)
+    or ``"bn"`` (global mean -> 1x1 conv -> BatchNorm over the pooled (B, C, 1, 1) vectors).
     """
 
     reduced: int = 2
@@ -292,7 +302,12 @@ class ECASpec:
 @dataclass(frozen=True)
 class GRNSpec:
     """ConvNeXt-V2 global response norm (channels-last): ``gamma * (x * N(x)) + beta + x`` with
-    ``N(x) = G(x) / mean_c G(x)`` and ``G(x) = torch.norm(x, 2, dim=(1, 2))`` over space."""
+    ``N(x) = G(x) / mean_c G(x)`` and ``G(x) = torch.norm(x, 2, dim=(1, 2))`` over space.
+
+    ``form``: ``"plain"`` (as above), ``"addcmul"`` (``torch.addcmul(beta, gamma, x * N(x)) + x``, as
+    timm writes it) or ``"lerp"`` (``torch.lerp(x, x * N(x), gamma) + beta``)."""
+
+    form: str = "plain"
 
     def out_channels(self, cin: int) -> int:
         return cin
@@ -320,6 +335,41 @@ class DownUpSpec:
 
 
 @dataclass(frozen=True)
+class SpatialGateSpec:
+    """CBAM spatial attention: per-site channel statistics -> conv -> sigmoid -> multiply.
+
+    ``stats`` picks the per-site reductions over channels, from ``"max"`` (``torch.max(x, 1)``
+    values), ``"min"`` (``x.min(dim=1)``, values), ``"argmax"`` (``torch.max(x, 1)`` indices, scaled)
+    and ``"mean"``."""
+
+    stats: tuple[str, ...] = ("max", "mean")
+    kernel: int = 7
+
+    def out_channels(self, cin: int) -> int:
+        return cin
+
+    def total_stride(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class ImagePoolSpec:
+    """ASPP-style: ``cat([conv1x1(x), up(pool -> 1x1 conv [-> BN] -> ReLU)])`` -> 1x1 conv back to the
+    input width. ``up`` is ``"bilinear"``, ``"nearest"`` (``F.interpolate`` to the map size) or
+    ``"expand"``; ``bn`` puts a BatchNorm over the pooled (B, C, 1, 1) vectors."""
+
+    width: int = 2
+    up: str = "bilinear"
+    bn: bool = True
+
+    def out_channels(self, cin: int) -> int:
+        return cin
+
+    def total_stride(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """Classification head: global pool -> flatten -> Linear; ``pool`` is ``"adaptive"`` or ``"mean"``."""
 
@@ -339,6 +389,8 @@ BlockSpec = (
     | ECASpec
     | GRNSpec
     | DownUpSpec
+    | SpatialGateSpec
+    | ImagePoolSpec
 )
 
 
@@ -359,6 +411,14 @@ class CNNSpec:
     def downsample_ratio(self) -> int:
         """Total downsample ratio R: the product of every block's stride."""
         return math.prod(b.total_stride() for b in self.blocks)
+
+    @property
+    def min_train_batch(self) -> int:
+        """Smallest batch that runs in train mode: 2 when a BatchNorm normalises pooled (B, C, 1, 1)
+        vectors (one value per channel is an error in PyTorch itself), else 1."""
+        pooled_bn = any(isinstance(b, SESpec) and b.pool == "bn" or isinstance(b, ImagePoolSpec) and b.bn
+                        for b in self.blocks)
+        return 2 if pooled_bn else 1
 
     @property
     def out_channels(self) -> int:
@@ -492,6 +552,10 @@ class Pool(nn.Module):
     def __init__(self, spec: PoolSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.pad = nn.ZeroPad2d(spec.padding) if spec.zero_pad else nn.Identity()
+        if spec.zero_pad:
+            spec = PoolSpec(spec.kind, spec.kernel, spec.stride, 0, spec.ceil_mode, spec.count_include_pad,
+                            spec.functional)
         if spec.kind == "max":
             self.pool = nn.MaxPool2d(spec.kernel, spec.stride, spec.padding, ceil_mode=spec.ceil_mode)
         elif spec.kind == "avg":
@@ -508,7 +572,7 @@ class Pool(nn.Module):
             self.pool = _FunctionalPool(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(x)
+        return self.pool(self.pad(x))
 
 
 class _FunctionalPool(nn.Module):
@@ -538,9 +602,10 @@ class SqueezeExcite(nn.Module):
             self.pool = nn.AdaptiveAvgPool2d(1)
         elif spec.pool == "adaptive_max":
             self.pool = nn.AdaptiveMaxPool2d(1)
-        elif spec.pool not in ("mean", "functional", "sum", "amax"):
+        elif spec.pool not in ("mean", "functional", "sum", "amax", "whole_avg", "whole_max", "bn"):
             raise ValueError(f"unknown SE pool {spec.pool!r}")
         self.fc1 = nn.Conv2d(channels, spec.reduced, 1)
+        self.bn = nn.BatchNorm2d(spec.reduced) if spec.pool == "bn" else nn.Identity()
         self.act = make_act(spec.act)
         self.fc2 = nn.Conv2d(spec.reduced, channels, 1)
         self.gate = make_act(spec.gate)
@@ -554,9 +619,13 @@ class SqueezeExcite(nn.Module):
             s = x.sum((2, 3), keepdim=True) * 0.1
         elif self.mode == "amax":
             s = x.amax((2, 3), keepdim=True)
+        elif self.mode in ("whole_avg", "whole_max"):
+            b, c = x.shape[0], x.shape[1]
+            pooled = F.avg_pool2d(x, x.size()[2:]) if self.mode == "whole_avg" else F.max_pool2d(x, x.shape[2:])
+            s = pooled.view(b, c).view(b, c, 1, 1)
         else:
             s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+        return x * self.gate(self.fc2(self.act(self.bn(self.fc1(s)))))
 
     def extra_repr(self) -> str:
         return f"pool={self.mode}"
@@ -680,6 +749,7 @@ class GRN(nn.Module):
 
     def __init__(self, channels: int, spec: GRNSpec) -> None:
         super().__init__()
+        self.form = spec.form
         self.gamma = nn.Parameter(torch.full((1, 1, 1, channels), 0.5))
         self.beta = nn.Parameter(torch.full((1, 1, 1, channels), 0.1))
 
@@ -687,8 +757,62 @@ class GRN(nn.Module):
         x = x.permute(0, 2, 3, 1)
         gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        x = self.gamma * (x * nx) + self.beta + x
+        if self.form == "addcmul":
+            x = torch.addcmul(self.beta, self.gamma, x * nx) + x
+        elif self.form == "lerp":
+            x = torch.lerp(x, x * nx, self.gamma) + self.beta
+        else:
+            x = self.gamma * (x * nx) + self.beta + x
         return x.permute(0, 3, 1, 2)
+
+
+class SpatialGate(nn.Module):
+    """CBAM spatial attention, from a :class:`SpatialGateSpec`."""
+
+    def __init__(self, channels: int, spec: SpatialGateSpec) -> None:
+        super().__init__()
+        self.stats = spec.stats
+        self.conv = nn.Conv2d(len(spec.stats), 1, spec.kernel, padding=spec.kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = []
+        for stat in self.stats:
+            if stat == "max":
+                maps.append(torch.max(x, 1)[0].unsqueeze(1))
+            elif stat == "min":
+                maps.append(x.min(dim=1, keepdim=True).values)
+            elif stat == "argmax":
+                maps.append(torch.max(x, 1, keepdim=True)[1].to(x.dtype) / x.shape[1])
+            else:
+                maps.append(torch.mean(x, 1, keepdim=True))
+        return x * torch.sigmoid(self.conv(torch.cat(maps, 1)))
+
+    def extra_repr(self) -> str:
+        return f"stats={self.stats}"
+
+
+class ImagePool(nn.Module):
+    """ASPP's image-pool branch next to a per-site branch, from an :class:`ImagePoolSpec`."""
+
+    def __init__(self, channels: int, spec: ImagePoolSpec) -> None:
+        super().__init__()
+        self.up = spec.up
+        self.branch = nn.Conv2d(channels, spec.width, 1)
+        self.pool_conv = nn.Conv2d(channels, spec.width, 1, bias=not spec.bn)
+        self.pool_norm = nn.BatchNorm2d(spec.width) if spec.bn else nn.Identity()
+        self.project = nn.Conv2d(2 * spec.width, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.relu(self.pool_norm(self.pool_conv(F.adaptive_avg_pool2d(x, 1))))
+        if self.up == "expand":
+            p = p.expand(-1, -1, x.shape[2], x.shape[3])
+        else:
+            p = F.interpolate(p, size=x.shape[-2:], mode=self.up,
+                              align_corners=False if self.up == "bilinear" else None)
+        return self.project(torch.cat([self.branch(x), p], 1))
+
+    def extra_repr(self) -> str:
+        return f"up={self.up}"
 
 
 class DownUp(nn.Module):
@@ -767,6 +891,10 @@ def _build_block(cin: int, spec: BlockSpec) -> nn.Module:
         return GRN(cin, spec)
     if isinstance(spec, DownUpSpec):
         return DownUp(cin, spec)
+    if isinstance(spec, SpatialGateSpec):
+        return SpatialGate(cin, spec)
+    if isinstance(spec, ImagePoolSpec):
+        return ImagePool(cin, spec)
     raise TypeError(f"unknown block spec {spec!r}")
 
 
@@ -861,6 +989,7 @@ def every_ingredient_spec(in_chans: int = 3, seed: int = 1) -> CNNSpec:
         DownUpSpec(down=ConvSpec(out=c, stride=2, kernel=3, conv="functional"), up="upsample"),
         DownUpSpec(down=ConvSpec(out=c, stride=2, kernel=4, norm="gn:1"), up="convT", merge="cat"),
         PoolSpec("avg", 3, 1, 1, count_include_pad=True),
+        PoolSpec("max", 3, 1, 1, zero_pad=True),
         ResidualSpec(body=(ConvSpec(out=6, stride=2), ConvSpec(out=6)), shortcut="avgconv"),
         ConcatSpec(branches=((ConvSpec(out=2, kernel=7),), (ConvSpec(out=4, kernel=1), ConvSpec(out=2)))),
         SplitSpec(body=(ConvSpec(out=2, kernel=3, groups=2),)),
@@ -873,6 +1002,14 @@ def every_ingredient_spec(in_chans: int = 3, seed: int = 1) -> CNNSpec:
         SESpec(reduced=2, pool="sum"),
         ECASpec(kernel=3),
         GRNSpec(),
+        GRNSpec(form="addcmul"),
+        GRNSpec(form="lerp"),
+        SpatialGateSpec(stats=("max", "mean", "min", "argmax"), kernel=3),
+        SESpec(reduced=2, pool="whole_avg"),
+        SESpec(reduced=2, pool="whole_max"),
+        SESpec(reduced=2, pool="bn"),
+        ImagePoolSpec(width=2, up="bilinear", bn=True),
+        ImagePoolSpec(width=2, up="expand", bn=False),
         ResidualSpec(body=(ConvSpec(out=c, kernel=3, norm="bn"),), shortcut="identity", act="hardswish"),
     )
     return CNNSpec(in_chans=in_chans, blocks=blocks, head=HeadSpec(num_classes=5, pool="mean"), seed=seed)

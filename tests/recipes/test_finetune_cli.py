@@ -190,3 +190,48 @@ def torch_equal(a: object, b: object) -> bool:
     import torch
 
     return bool(torch.equal(a, b))  # type: ignore[arg-type]
+
+
+# Fine-tunes, and SIGKILLs itself at its fifth step (after the epoch-end checkpoint of step 3).
+_KILL_SCRIPT = """
+import os, signal, sys
+from sparsify.recipes import finetune, finetune_loop
+real = finetune_loop.Finetuner.train_step
+calls = {"n": 0}
+def step(self, batch, epoch):
+    calls["n"] += 1
+    if calls["n"] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, batch, epoch)
+finetune_loop.Finetuner.train_step = step
+sys.exit(finetune.main(sys.argv[1:]))
+"""
+
+
+def test_finetune_sigkill_then_resume_equals_uninterrupted(
+    labelled_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    backbone = _export_tiny(tmp_path)
+    args = [*["--data", str(labelled_folder), "--init", str(backbone), *COMMON], "--epochs", "2", "--base-lr", "0.1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert finetune.main([*args, "--out", str(straight)]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, *args, "--out", str(killed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["ckpt-00000003.pt"]
+    capsys.readouterr()
+    assert finetune.main([*args, "--out", str(killed)]) == 0  # the dead run's lock is gone
+    assert "at step 3" in capsys.readouterr().out
+    a, b = load_file(str(straight / "final.safetensors")), load_file(str(killed / "final.safetensors"))
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert [r["top1"] for r in metrics(straight)] == [r["top1"] for r in metrics(killed)]

@@ -45,3 +45,30 @@ def test_unknown_and_uncalled_modules_are_named():
         capture_module_outputs(net, torch.randn(1, 3, 8, 8), ["nope"])
     with pytest.raises(ValueError, match="never called \\['unused'\\]"):
         capture_module_outputs(net, torch.randn(1, 3, 8, 8), ["unused"])
+
+
+def test_later_in_place_ops_do_not_change_what_was_captured():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU(inplace=True))
+    x = torch.randn(1, 3, 8, 8)
+    got = capture_module_outputs(net, x, ["0"])["0"]
+    assert (got < 0).any()
+    torch.testing.assert_close(got, net[0](x).detach())
+
+
+def test_stop_early_skips_the_rest_and_kwargs_reach_forward():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3, 1, 1)
+            self.head = nn.Linear(5, 2)  # would fail on the body's output
+
+        def forward(self, x, scale=1.0):
+            return self.head(self.body(x) * scale)
+
+    net = Net()
+    x = torch.randn(1, 3, 8, 8)
+    got = capture_module_outputs(net, x, ["body"], stop_early=True, kwargs={"scale": 2.0})["body"]
+    torch.testing.assert_close(got, net.body(x).detach())
+    with pytest.raises(RuntimeError):
+        capture_module_outputs(net, x, ["body"])

@@ -24,6 +24,7 @@ def test_random_cnns_build_trace_and_keep_sizes(spec, grid, batch):
     net = build_cnn(spec)
     r = net.downsample_ratio
     assert r == spec.downsample_ratio and r in (2, 4, 8)
+    batch = max(batch, spec.min_train_batch)  # BatchNorm over pooled vectors needs two samples
     x = torch.randn(batch, spec.in_chans, grid[0] * r, grid[1] * r)
     for train in (True, False):
         # Trace in the mode it runs in: plain symbolic_trace specialises some modules on the mode
