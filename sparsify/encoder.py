@@ -206,9 +206,7 @@ class SparseEncoder(nn.Module):
         return self.__dict__.get("_source_model")
 
     def train(self, mode: bool = True) -> SparseEncoder:
-        super().train(mode)
-        # The generated forward runs on ``_root``: a root model's own ``self.training`` reads it.
-        self._root.training = mode
+        _set_mode(self, self.source_model, mode)
         return self
 
     def __getstate__(self) -> dict:
@@ -269,7 +267,9 @@ class SparseEncoder(nn.Module):
 
     def dense_encoder(self) -> nn.Module:
         """The unmodified network cut at the same stages (shared parameters, no masking)."""
-        return _DenseEncoder(fx.GraphModule(self._root, self._dense_graph, "DenseEncoder"))
+        dense = _DenseEncoder(fx.GraphModule(self._root, self._dense_graph, "DenseEncoder"))
+        object.__setattr__(dense, "_source_model", self.source_model)
+        return dense
 
     def extra_repr(self) -> str:
         pyramid = ", ".join(f"{s.module or s.name}@{s.stride}:{s.channels}" for s in self.stages)
@@ -287,8 +287,7 @@ class _DenseEncoder(nn.Module):
         return self._forward_impl(self._root, x)
 
     def train(self, mode: bool = True) -> _DenseEncoder:
-        super().train(mode)
-        self._root.training = mode
+        _set_mode(self, self.__dict__.get("_source_model"), mode)
         return self
 
     def __getstate__(self) -> dict:
@@ -305,6 +304,29 @@ class _DenseEncoder(nn.Module):
 def _detached(graph: fx.Graph) -> fx.Graph:
     """A copy of ``graph`` without its owning GraphModule (pickling that would re-trace it)."""
     return copy.deepcopy(graph) if graph.owning_module is not None else graph
+
+
+def _set_mode(owner: nn.Module, source: nn.Module | None, mode: bool) -> None:
+    """Switch ``owner`` to train/eval mode the way the user's model switches itself.
+
+    A model may override ``train()`` to keep parts frozen (a stem BatchNorm held in eval mode while the
+    rest trains, as detection backbones do): that method runs, every module of the encoder takes the
+    flag of the model's module at the same path, and the model's modules that the encoder does not use
+    (its root, the removed head) get their own flags back.
+    """
+    nn.Module.train(owner, mode)
+    flags = {path: mode for path, _ in owner._root.named_modules()}
+    if source is not None:
+        before = [(m, m.training) for m in source.modules()]
+        source.train(mode)
+        flags.update((path, m.training) for path, m in source.named_modules() if path in flags)
+        used = set(owner._root.modules())
+        for m, flag in before:
+            if m not in used:
+                m.training = flag
+    # The generated forward runs on ``_root``: a root model's own ``self.training`` reads its flag.
+    for path, module in owner._root.named_modules():
+        module.training = flags[path]
 
 
 def _adopt(owner: nn.Module, gm: fx.GraphModule) -> None:

@@ -311,3 +311,18 @@ def test_live_flags_survive_pickling():
     x = torch.randn(2, 3, 32, 32)
     for train in (True, False):
         torch.testing.assert_close(_enc_out(enc, x, train), _model_out(twin, x, "head", train), rtol=1e-10, atol=1e-10)
+
+
+def test_encoder_train_honours_the_models_own_train_override():
+    """A model whose train() keeps its stem frozen (eval-mode BatchNorm) is switched the same way by
+    enc.train(); the model's root and removed head keep their own flags."""
+    from tests.zoo.models import FrozenStemNet
+
+    model = FrozenStemNet().eval()
+    enc = sparsify.wrap(model, (32, 32), stages=["layer1", "layer2"])
+    enc.train()
+    assert enc.training
+    assert not model.stem[1].training and model.layer1.bn1.training
+    assert not model.training  # only the modules the encoder uses change mode
+    enc.eval()
+    assert not model.layer1.bn1.training
