@@ -122,8 +122,8 @@ def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: t
         shape = shapes_a.get(node)
         if not isinstance(shape, torch.Size) or len(shape) != 4:
             continue
-        if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None:
-            continue
+        if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None or _is_pad(gm, node):
+            continue  # a pad grows the map on purpose; the layer after it decides whether the grid holds
         seen, todo = {node, input_node}, [input_node]
         while todo:  # can the stages be reached from the input without passing through this node?
             for user in todo.pop().users:
@@ -138,3 +138,15 @@ def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: t
                 "padding), and every feature map after it is shifted against the patches. Pad the first layers "
                 "(padding=kernel_size//2) so masked patches map onto the feature maps.")
     return ""
+
+
+def _is_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (torch.nn.functional.pad, torch.constant_pad_nd)
+    if node.op == "call_method":
+        return node.target == "pad"
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.padding._ConstantPadNd
+                          | nn.modules.padding._ReflectionPadNd | nn.modules.padding._ReplicationPadNd
+                          | nn.modules.padding.CircularPad2d)
+    return False

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify
+from sparsify import SparsifyError
 from sparsify.testing import capture_module_outputs
 
 
@@ -204,3 +205,24 @@ def test_in_chans_behind_a_space_to_depth_stem(model):
         sparsify.wrap(model, (32, 32))
     except sparsify.SparsifyError as e:
         assert "channels" not in str(e), str(e)
+
+
+class _BlurPoolStem(nn.Module):
+    """A reflect pad grows the map before a strided blur conv brings it back onto the grid (timm's
+    blur pool): the refusal is about the reflect pad, not about an unaligned stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 1, 1)
+        self.blur = nn.Conv2d(8, 8, 3, 2, 0, groups=8)
+        self.down = nn.Conv2d(8, 8, 3, 2, 1)
+
+    def forward(self, x):
+        return self.down(self.blur(F.pad(self.conv(x), (1, 1, 1, 1), mode="reflect")))
+
+
+def test_reflect_pad_before_a_strided_layer_is_not_called_an_unaligned_stem():
+    with pytest.raises(SparsifyError) as info:
+        sparsify.wrap(_BlurPoolStem(), (32, 32))
+    assert "reflect" in str(info.value)
+    assert "never line up" not in str(info.value)
