@@ -32,7 +32,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
     then the native kernel normalises ``xs`` with those statistics and one in-place multiply zeroes the
     masked sites. ``xs`` replaces ``x`` for backward, so the saved memory is what dense BatchNorm saves.
     Backward: the gradient is masked once, the native kernel sums it (for weight and bias), and three
-    in-place passes give ``grad_x = mask * (a * g + alpha + beta * x)`` per channel.
+    in-place passes give ``grad_x = a * g + beta * xs + alpha * mask`` (per-channel a, alpha, beta).
     """
 
     @staticmethod
@@ -57,7 +57,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
         if running_mean is not None:
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
-            factor = 1.0 / num_batches_tracked.to(torch.float32) if momentum is None else momentum
+            factor = 1.0 / num_batches_tracked.to(stat_dtype) if momentum is None else momentum
             has_data = n > 0
             unbiased = var * (n / (n - 1).clamp_min(1.0))
             old_mean, old_var = running_mean.to(stat_dtype), running_var.to(stat_dtype)

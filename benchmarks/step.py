@@ -173,9 +173,14 @@ def run(args: argparse.Namespace) -> dict:
     saved = {key: _saved_bytes(eager_steps[key], x, masks[0], params) for key in ("sparse", "dense")}
     rss = {key: _peak_rss_mib(args, key) for key in ("sparse", "dense")} if args.rss else None
     sync_debug = args.sync_debug and device.type == "cuda"
+    first: dict[str, float] = {}
     for key in ("sparse", "dense"):  # warm-up (and compilation), then peak memory of one step
+        start = time.perf_counter()
         for i in range(args.warmup):
             steps[key](x, masks[i % len(masks)])
+            _sync(device)
+            if i == 0:
+                first[key] = time.perf_counter() - start  # with --compile: compilation included
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -208,6 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         median = statistics.median(times[key])
         result[key] = {"step_s": median, "images_per_s": args.batch / median,
                        "peak_memory_mib": None if memory[key] is None else memory[key] / 2**20}
+        result[key]["first_step_s"] = first.get(key)
         result[key]["all_step_s"] = times[key]  # in timing order: shows the spread a median hides
         result[key]["saved_for_backward_mib"] = saved[key] / 2**20
         result[key]["peak_rss_mib"] = rss[key] if rss else None
