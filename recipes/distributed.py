@@ -6,8 +6,8 @@ else CPU) and the backend (nccl on CUDA, gloo on CPU). Without those variables t
 process and nothing here touches ``torch.distributed``.
 
 BatchNorm statistics are shared across ranks: the user's model is converted to
-``nn.SyncBatchNorm`` before sparsify wraps it (sparsify's masked BatchNorm all-reduces its masked
-sums and counts for SyncBatchNorm modules), and the decoder's dense BatchNorm layers become
+``nn.SyncBatchNorm`` before sparsify wraps it (sparsify's masked BatchNorm combines the per-rank
+counts, means and centred sums of squares for SyncBatchNorm modules), and the decoder's dense BatchNorm layers become
 ``nn.SyncBatchNorm`` on CUDA or :class:`DistBatchNorm2d` on CPU (PyTorch's SyncBatchNorm refuses CPU
 tensors).
 """
