@@ -24,8 +24,6 @@ from sparsify.testing import assert_dense_equal, assert_sparse_semantics
 from sparsify.testing import strategies as sst
 from sparsify.testing.random_cnn import LayerNorm2dPermute, build_cnn, every_ingredient_spec
 
-pytestmark = pytest.mark.skipif(not hasattr(sparsify, "wrap"), reason="sparsify.wrap is not available yet")
-
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
