@@ -10,6 +10,19 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 TINY = f"{HERE / 'tiny_models.py'}:tiny_cnn"
 
+#: Flags of a fast pretraining run on the tiny CNN (tests add --data/--out/--steps and their own).
+FAST_PRETRAIN = ["--model", TINY, "--input-size", "32", "--batch-size", "4", "--decoder-width", "32",
+                 "--workers", "0", "--no-tensorboard"]
+
+
+def run_pretrain(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``sparsify-pretrain`` in-process: (exit code, stdout, stderr)."""
+    from sparsify.recipes import pretrain
+
+    code = pretrain.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 def _smooth_image(rng: np.random.Generator, h: int, w: int, tint: np.ndarray | None = None) -> np.ndarray:
     """A smooth random picture (a learnable signal, unlike white noise)."""

@@ -9,31 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _recipe_helpers import TINY, losses
+from _recipe_helpers import FAST_PRETRAIN, TINY, losses, run_pretrain
 from sparsify.recipes import pretrain
 from sparsify.recipes.checkpoint import list_checkpoints
 
-FAST = [
-    "--model",
-    TINY,
-    "--input-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--decoder-width",
-    "32",
-    "--workers",
-    "0",
-    "--vis-images",
-    "4",
-    "--no-tensorboard",
-]
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = pretrain.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
+FAST = FAST_PRETRAIN + ["--vis-images", "4"]
+run = run_pretrain
 
 
 def test_end_to_end_with_corrupt_file_then_resume(

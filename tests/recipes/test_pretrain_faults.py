@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _recipe_helpers import TINY
+from _recipe_helpers import FAST_PRETRAIN, run_pretrain
 from sparsify.recipes import checkpoint as ckpt
 from sparsify.recipes import pretrain
 from sparsify.recipes.cli import RecipeError
@@ -16,29 +16,8 @@ from sparsify.recipes.resume import check_resume
 from sparsify.recipes.run_folder import RunFolder
 from test_recipe_checkpoint import flip_tensor_byte
 
-FAST = [
-    "--model",
-    TINY,
-    "--input-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--decoder-width",
-    "32",
-    "--workers",
-    "0",
-    "--vis-images",
-    "0",
-    "--no-tensorboard",
-    "--base-lr",
-    "0.05",
-]
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = pretrain.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
+FAST = FAST_PRETRAIN + ["--vis-images", "0", "--base-lr", "0.05"]
+run = run_pretrain
 
 
 def _steps(out: Path) -> list[int]:
