@@ -80,8 +80,11 @@ class _MaskedBatchNorm(torch.autograd.Function):
         g = (grad * mask).contiguous(memory_format=ctx.fmt)  # only active sites carry gradient
         w = weight if weight is not None else torch.ones_like(centre)
         # The native kernel's sums: sum g * xhat and sum g (g is 0 wherever xs is not an active value).
+        # Given as saved statistics (train=True): CUDA's eval-mode path asserts on them being absent.
+        stat = torch.promote_types(centre.dtype, torch.float32)
         _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g, xs, w, centre, var, None, None, False, ctx.eps, [False, True, True])
+            g, xs, w, None, None, centre.to(stat), torch.rsqrt(var.to(stat) + ctx.eps), True, ctx.eps,
+            [False, True, True])
         grad_w = sum_g_xhat if weight is not None and ctx.needs_input_grad[2] else None
         grad_b = sum_g if ctx.has_bias and ctx.needs_input_grad[3] else None
         if not ctx.needs_input_grad[0]:
@@ -119,8 +122,9 @@ def _centred_sums(xs: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor
         return xf.sum(dims), xf.square().sum(dims)
     ones = torch.ones(c, dtype=acc, device=xs.device)
     zeros = torch.zeros(c, dtype=acc, device=xs.device)
+    # mean 0 and rstd 1 passed as the saved statistics (train=True): the CUDA kernel requires them there.
     _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
-        xs, xs, ones, zeros, ones, None, None, False, 0.0, [False, True, True])
+        xs, xs, ones, None, None, zeros, ones, True, 0.0, [False, True, True])
     return s1, s2
 
 

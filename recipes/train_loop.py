@@ -609,7 +609,7 @@ class Pretrainer:
             )
             with sync:
                 with autocast:
-                    loss = model(x, mask=mask)
+                    loss = model(x, mask=mask, check_mask=False)  # masks >= 1 patch (checked at start)
                 scaled = loss.float() / cfg.accum
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)

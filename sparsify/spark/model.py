@@ -188,6 +188,8 @@ class SparK(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        check_mask: bool = True,
     ) -> torch.Tensor:
         """Scalar SparK loss on batch ``x`` (B, C, H, W).
 
@@ -197,12 +199,15 @@ class SparK(nn.Module):
                 is drawn per sample on x's device. An explicit mask must mask at least one patch in the
                 batch; in eager mode that is checked (one host read), under ``torch.compile`` it is not.
             generator: optional ``torch.Generator`` for the random mask.
+            check_mask: check that an explicit mask masks something (one host read, which stalls a GPU
+                every step). Pass False for masks known to mask at least one patch (``draw_mask`` or
+                ``random_mask`` with a ratio that masks one): the recipes do.
         """
         if mask is None:
             mask = self.draw_mask(x, generator)  # masks >= 1 patch per sample by construction
             check = False
         else:
-            check = True
+            check = check_mask
         pred = self.predict(x, mask)
         return masked_patch_loss(pred, x, mask, self.downsample_ratio, check_nonempty=check)
 
