@@ -9,6 +9,16 @@ expected to be refused (attention hybrids).
 
     python -m benchmarks.coverage                 # everything, one line per model, then the rate
     python -m benchmarks.coverage --only timm --json coverage.json
+    python -m benchmarks.coverage --all --json catalogue.json --markdown catalogue.md
+
+``--all`` replaces the fixed list by the whole catalogue: one smallest model (fewest parameters,
+counted on the meta device) per architecture family of timm (a family is one timm model module, e.g.
+``resnet``, ``convnext``, ``efficientnet``) and of torchvision's classification, segmentation and
+video models (one per model module). Pure transformers (no convolution beyond a patch-embedding
+stem whose kernel equals its stride) are left out; convolution-attention hybrids are kept, to check
+that they are refused. Each outcome is one of **pass**, **principled refusal** (attention over
+positions, an unpadded first convolution, reflect padding: the reasons the README's Limits give)
+or **failure** (any other refusal, a crash, or a broken contract check).
 """
 
 from __future__ import annotations
@@ -54,6 +64,86 @@ REAL_MODELS: list[tuple[str, str, tuple[int, int], dict]] = [
     ("torchvision", "resnext50_32x4d", (64, 64), {}),
     ("torchvision", "squeezenet1_1", (64, 64), {}),
 ]
+
+
+#: Refusal texts that name a principled limit (README, Limits): an outcome, not a failure.
+PRINCIPLED = {
+    "attention": ("attention",),
+    "unpadded first convolution": ("never line up", "unpadded"),
+    "reflect padding": ("reflect",),
+}
+
+#: torchvision model modules searched by --all (classification, segmentation, video).
+_TV_GROUPS = ("", "segmentation", "video")
+
+
+def _is_pure_transformer(model: torch.nn.Module) -> bool:
+    """True when no convolution mixes neighbouring sites: at most patch-embedding convolutions
+    (kernel == stride) and 1x1 convolutions."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            if any(k > 1 and k != s for k, s in zip(m.kernel_size, m.stride)):
+                return False
+    return True
+
+
+def _meta_params(build) -> tuple[int, bool] | None:
+    """Parameter count and pure-transformer flag of a model built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001  (a model that cannot be built on meta is measured for real below)
+        return None
+    return sum(p.numel() for p in model.parameters()), _is_pure_transformer(model)
+
+
+def catalogue() -> list[tuple[str, str, tuple[int, ...], dict, str]]:
+    """(source, name, size, kwargs, family) for the smallest model of every family, transformers out."""
+    import warnings
+
+    import timm
+    import torchvision
+    from timm.models._registry import _model_to_module
+
+    warnings.filterwarnings("ignore")
+    best: dict[tuple[str, str], tuple[int, str, bool]] = {}
+    for name in timm.list_models():
+        if name.startswith("test_"):  # timm's tiny test configurations are not real architectures
+            continue
+        family = _model_to_module.get(name, name).rsplit(".", 1)[-1]
+        info = _meta_params(lambda name=name: timm.create_model(name, pretrained=False))
+        if info is not None and ((("timm", family) not in best) or info[0] < best[("timm", family)][0]):
+            best[("timm", family)] = (info[0], name, info[1])
+    for group in _TV_GROUPS:
+        module = getattr(torchvision.models, group) if group else torchvision.models
+        for name in torchvision.models.list_models(module=module):
+            fn = torchvision.models.get_model_builder(name)
+            family = (group + "/" if group else "") + fn.__module__.rsplit(".", 1)[-1]
+            kwargs = {"weights_backbone": None} if group == "segmentation" else {}
+            info = _meta_params(lambda name=name, kwargs=kwargs: torchvision.models.get_model(
+                name, weights=None, **kwargs))
+            if info is not None and (("torchvision", family) not in best or info[0] < best[("torchvision", family)][0]):
+                best[("torchvision", family)] = (info[0], name, info[1])
+    out = []
+    for (source, family), (_, name, pure) in sorted(best.items()):
+        if pure:
+            continue
+        kwargs = {"weights_backbone": None} if family.startswith("segmentation/") else {}
+        size = (8, 64, 64) if family.startswith("video/") else (64, 64)
+        out.append((source, name, size, kwargs, family))
+    return out
+
+
+def classify(record: dict) -> str:
+    """pass / principled refusal / failure, from a :func:`check_one` record."""
+    if record["ok"]:
+        return "pass"
+    reason = record["reason"]
+    if reason.startswith("refused: "):
+        text = reason.lower()
+        if any(any(key in text for key in keys) for keys in PRINCIPLED.values()):
+            return "principled refusal"
+    return "failure"
 
 
 def _build(source: str, name: str, kwargs: dict) -> torch.nn.Module:
@@ -106,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["timm", "torchvision", "zoo", "real"], default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every record here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--all", action="store_true",
+                        help="the whole catalogue: one smallest model per timm / torchvision family")
+    parser.add_argument("--list", action="store_true", help="with --all: print the chosen models and stop")
+    parser.add_argument("--markdown", type=Path, default=None, help="with --all: write the table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.all:
+        return _run_all(args)
     models = REAL_MODELS + _zoo_models()
     if args.only == "real":
         models = REAL_MODELS
@@ -126,6 +222,49 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{group}: {passed}/{len(chosen)} keep the whole contract ({100 * passed / len(chosen):.0f}%)")
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+def _larger_sizes(size: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [size] + [tuple(s * k for s in size[:-2]) + (size[-2] * k, size[-1] * k) for k in (2, 3)]
+
+
+def _run_all(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    models = catalogue()
+    if args.only in ("timm", "torchvision"):
+        models = [m for m in models if m[0] == args.only]
+    print(f"{len(models)} families ({time.perf_counter() - start:.0f}s to choose them)", flush=True)
+    if args.list:
+        for source, name, _size, _, family in models:
+            print(f"{source:11s} {family:28s} {name}")
+        return 0
+    records = []
+    for source, name, size, kwargs, family in models:
+        for attempt in _larger_sizes(size):  # a network whose stride exceeds 64 gets a larger input
+            record = check_one(source, name, attempt, kwargs)
+            if "not a multiple" not in record.get("reason", "") and "too small" not in record.get("reason", ""):
+                break
+        record["family"], record["outcome"] = family, classify(record)
+        records.append(record)
+        print(f"{record['outcome']:19s} {source:11s} {family:26s} {name:26s} {record['seconds']:6.1f}s "
+              f"{record['reason'][:160]}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(records, indent=1))
+    counts = {k: sum(r["outcome"] == k for r in records) for k in ("pass", "principled refusal", "failure")}
+    total = len(records)
+    good = counts["pass"] + counts["principled refusal"]
+    summary = (f"{total} families: {counts['pass']} pass, {counts['principled refusal']} refused on principle, "
+               f"{counts['failure']} fail ({100 * good / max(total, 1):.0f}% pass or are refused on principle); "
+               f"{time.perf_counter() - start:.0f}s")
+    print(summary)
+    if args.markdown:
+        lines = ["| source | family | model | input | outcome | reason |", "|---|---|---|---|---|---|"]
+        for r in records:
+            reason = r["reason"].replace("|", "/")[:200]
+            lines.append(f"| {r['source']} | {r['family']} | {r['model']} | {'x'.join(map(str, r['size']))} "
+                         f"| {r['outcome']} | {reason} |")
+        args.markdown.write_text(summary + "\n\n" + "\n".join(lines) + "\n")
     return 0
 
 
