@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
@@ -225,8 +226,69 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _larger_sizes(size: tuple[int, ...]) -> list[tuple[int, ...]]:
-    return [size] + [tuple(s * k for s in size[:-2]) + (size[-2] * k, size[-1] * k) for k in (2, 3)]
+_SUGGESTION = re.compile(r"use e\.g\. ([\dx]+) or ([\dx]+)")
+#: Refusals that say the example input was too small or the wrong size for the network.
+_SIZE_TROUBLE = ("not a multiple", "too small", "running the traced graph", "calculated padded", "input height",
+                 "input image size", "must match the size", "is invalid for input")
+
+
+def _default_size(source: str, name: str, rank: int) -> tuple[int, ...]:
+    if source == "timm" and rank == 2:
+        import timm
+
+        size = timm.create_model(name, pretrained=False).pretrained_cfg.get("input_size", (3, 224, 224))
+        return tuple(size[1:])
+    return (224, 224) if rank == 2 else (16, 112, 112)
+
+
+def _next_size(record: dict, tried: list[tuple[int, ...]], source: str, name: str) -> tuple[int, ...] | None:
+    """The next example size to try after a size-related refusal: the size the message suggests, then
+    the model's own default input size."""
+    reason = record.get("reason", "")
+    if not any(key in reason.lower() for key in _SIZE_TROUBLE):
+        return None
+    found = _SUGGESTION.search(reason)
+    if found:
+        larger = tuple(int(v) for v in found.group(2).split("x"))
+        if len(larger) == len(tried[-1]) and larger not in tried:
+            return larger
+    default = _default_size(source, name, len(tried[-1]))
+    return default if default not in tried else None
+
+
+_PRODUCTS = {"matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"}
+
+
+def uses_attention(source: str, name: str, kwargs: dict, size: tuple[int, ...]) -> bool:
+    """True when the model mixes positions by products of two activations that leave a matrix
+    (query-key attention maps, linear attention's key-value products, state-space mixing): found by
+    running the unmodified model once and watching matrix products whose operands are both
+    activations. An attention *pooling* (a global-context block's weighted sum, a (C, 1) result) does
+    not count; nor do products with weights (linear layers)."""
+    from torch.overrides import TorchFunctionMode
+
+    found = []
+
+    class _Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") in _PRODUCTS:
+                operands = [a for a in args if isinstance(a, torch.Tensor)]
+                if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+                    found.append(func.__name__)
+                elif len(operands) >= 2 and not any(isinstance(a, torch.nn.Parameter) for a in operands):
+                    if isinstance(out, torch.Tensor) and out.dim() >= 2 and sum(d > 1 for d in out.shape[-2:]) == 2:
+                        found.append(func.__name__)
+            return out
+
+    try:
+        model = _build(source, name, kwargs).eval()
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad(), _Watch():
+            model(x)
+    except Exception:  # noqa: BLE001  (a model that does not run here is judged by its outcome alone)
+        return False
+    return bool(found)
 
 
 def _run_all(args: argparse.Namespace) -> int:
@@ -241,28 +303,36 @@ def _run_all(args: argparse.Namespace) -> int:
         return 0
     records = []
     for source, name, size, kwargs, family in models:
-        for attempt in _larger_sizes(size):  # a network whose stride exceeds 64 gets a larger input
-            record = check_one(source, name, attempt, kwargs)
-            if "not a multiple" not in record.get("reason", "") and "too small" not in record.get("reason", ""):
+        tried = [size]
+        while True:  # a network that needs a larger or different example size gets it
+            record = check_one(source, name, tried[-1], kwargs)
+            nxt = None if record["ok"] or len(tried) >= 4 else _next_size(record, tried, source, name)
+            if nxt is None:
                 break
+            tried.append(nxt)
         record["family"], record["outcome"] = family, classify(record)
+        record["attention"] = uses_attention(source, name, kwargs, _default_size(source, name, len(size)))
         records.append(record)
         print(f"{record['outcome']:19s} {source:11s} {family:26s} {name:26s} {record['seconds']:6.1f}s "
-              f"{record['reason'][:160]}", flush=True)
+              f"{'attn ' if record['attention'] else ''}{record['reason'][:160]}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(records, indent=1))
     counts = {k: sum(r["outcome"] == k for r in records) for k in ("pass", "principled refusal", "failure")}
     total = len(records)
     good = counts["pass"] + counts["principled refusal"]
+    conv = [r for r in records if not r["attention"]]
+    conv_good = sum(r["outcome"] != "failure" for r in conv)
     summary = (f"{total} families: {counts['pass']} pass, {counts['principled refusal']} refused on principle, "
                f"{counts['failure']} fail ({100 * good / max(total, 1):.0f}% pass or are refused on principle); "
+               f"without attention: {conv_good}/{len(conv)} ({100 * conv_good / max(len(conv), 1):.0f}%); "
                f"{time.perf_counter() - start:.0f}s")
     print(summary)
     if args.markdown:
-        lines = ["| source | family | model | input | outcome | reason |", "|---|---|---|---|---|---|"]
+        lines = ["| source | family | model | attention | input | outcome | reason |", "|---|---|---|---|---|---|---|"]
         for r in records:
             reason = r["reason"].replace("|", "/")[:200]
-            lines.append(f"| {r['source']} | {r['family']} | {r['model']} | {'x'.join(map(str, r['size']))} "
+            lines.append(f"| {r['source']} | {r['family']} | {r['model']} | {'yes' if r['attention'] else ''} "
+                         f"| {'x'.join(map(str, r['size']))} "
                          f"| {r['outcome']} | {reason} |")
         args.markdown.write_text(summary + "\n\n" + "\n".join(lines) + "\n")
     return 0
