@@ -58,8 +58,8 @@ def _spatial_rank(model: nn.Module, size: int | Sequence[int]) -> int:
             raise SparsifyError(
                 f"{type(model).__name__} is a {conv_rank}-D network (its first convolution is "
                 f"{type(conv).__name__}) but input_size {tuple(size)} has {rank} spatial dimension"
-                f"{'s' if rank != 1 else ''}; pass input_size={_SIZE_EXAMPLES.get(conv_rank, '...')}-like "
-                f"{_SIZE_FORMS.get(conv_rank, '')} for it")
+                f"{'s' if rank != 1 else ''}; pass input_size as {_SIZE_FORMS.get(conv_rank, 'one size per axis')}, "
+                f"e.g. {_SIZE_EXAMPLES.get(conv_rank, '')}")
         return rank
     return conv_rank or 2
 
@@ -446,8 +446,8 @@ def _example_sizes(model: nn.Module, input_size: int | Sequence[int] | None
     if input_size is None:
         rank = _spatial_rank(model, 224)
         if rank != 2:
-            raise SparsifyError(f"{type(model).__name__} is a {rank}-D network: pass input_size="
-                                f"{_SIZE_EXAMPLES.get(rank, '...')}-like {_SIZE_FORMS.get(rank, '')}")
+            raise SparsifyError(f"{type(model).__name__} is a {rank}-D network: pass input_size as "
+                                f"{_SIZE_FORMS.get(rank, 'one size per axis')}, e.g. {_SIZE_EXAMPLES.get(rank, '')}")
         input_size = (224, 224)
     size_a = _input_size(input_size, _spatial_rank(model, input_size))
     return size_a, tuple(2 * s for s in size_a)
