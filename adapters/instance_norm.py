@@ -28,10 +28,10 @@ def masked_instance_norm_fn(mask, input, running_mean=None, running_var=None, we
     scale = torch.rsqrt(var + eps)
     shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
     if weight is not None:
-        scale = scale * weight.view(shape).float()
+        scale = scale * weight.view(shape).to(scale.dtype)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.view(shape).float()
+        shift = shift + bias.view(shape).to(shift.dtype)
     return torch.addcmul(shift.to(input.dtype), input, scale.to(input.dtype))
 
 
