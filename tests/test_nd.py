@@ -251,3 +251,13 @@ def test_a_size_that_does_not_divide_the_total_stride_gets_the_stride_message_fi
     assert "cannot derive the mask" not in message
     for size in _sizes_in(message):
         sparsify.wrap(_Stride16(), size)
+
+
+def test_3d_refusals_match_2d():
+    """What 2-D refuses, 3-D and 1-D refuse alike: padding that invents values next to the border."""
+    reflect = nn.Sequential(nn.Conv3d(1, 4, 3, 2, 1, padding_mode="reflect"), nn.Conv3d(4, 4, 3, 2, 1))
+    with pytest.raises(sparsify.SparsifyError, match="padding_mode='reflect'"):
+        sparsify.wrap(reflect, (8, 16, 16))
+    replicate = nn.Sequential(nn.Conv1d(1, 4, 3, 2, 1), nn.ReplicationPad1d(1), nn.Conv1d(4, 4, 3, 2, 0))
+    with pytest.raises(sparsify.SparsifyError, match="ReplicationPad1d"):
+        sparsify.wrap(replicate, (64,))
