@@ -28,10 +28,10 @@ def masked_group_norm_fn(mask, input, num_groups, weight=None, bias=None, eps=1e
     scale = rstd.expand(b, num_groups, c // num_groups, *rstd.shape[3:]).reshape(per_channel)
     mean_c = mean.expand(b, num_groups, c // num_groups, *mean.shape[3:]).reshape(per_channel)
     if weight is not None:
-        scale = scale * weight.view(1, c, *([1] * (input.dim() - 2))).float()
+        scale = scale * weight.view(1, c, *([1] * (input.dim() - 2))).to(scale.dtype)
     shift = -mean_c * scale
     if bias is not None:
-        shift = shift + bias.view(1, c, *([1] * (input.dim() - 2))).float()
+        shift = shift + bias.view(1, c, *([1] * (input.dim() - 2))).to(shift.dtype)
     return torch.addcmul(shift.to(input.dtype), input, scale.to(input.dtype))
 
 

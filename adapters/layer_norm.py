@@ -26,11 +26,11 @@ def masked_layer_norm_fn(mask, input, normalized_shape, weight=None, bias=None, 
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     k = len(normalized_shape)
     mean, var, _ = masked_moments(input, mask, tuple(range(input.dim() - k, input.dim())))
-    y = (input.float() - mean) * torch.rsqrt(var + eps)
+    y = (input.to(mean.dtype) - mean) * torch.rsqrt(var + eps)  # fp32 at least (fp64 stays fp64)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(y.dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(y.dtype)
     return y.to(input.dtype)
 
 

@@ -91,3 +91,28 @@ def test_masked_statistics_are_as_precise_as_native_kernels(norm, offset, size, 
     # Both paths carry ~1e-5 of fp32 rounding here (native included); the guarded bug (fp32 partial
     # sums) gave 9e-4 to 2.3e-3, so 1e-4 separates them without the witness.
     assert_dense_equal(enc, x, atol=1e-4, rtol=1e-4, fp64_witness=False)
+
+
+# --- 1-D and 3-D: the same random networks in other spatial ranks, float64 --------------------------
+
+
+def _float64(case):
+    return case.model.double(), case.x.double(), case.mask
+
+
+@settings(max_examples=20, **_SETTINGS)
+@given(case=sst.cnn_cases(spatial_dims=1, max_cells=4))
+def test_random_signal_cnns_keep_the_contract_in_float64(case):
+    """Random 1-D CNNs (Conv1d, BatchNorm1d, InstanceNorm1d, pools, SE, residual, ...), float64."""
+    model, x, mask = _float64(case)
+    assert model.spatial_dims == 1 and x.dim() == 3 and mask.dim() == 3
+    assert_sparse_semantics(model, x, mask)
+
+
+@settings(max_examples=10, **_SETTINGS)
+@given(case=sst.cnn_cases(spatial_dims=3, max_cells=2, max_downsamples=3, max_blocks=3, max_channels=6))
+def test_random_volume_cnns_keep_the_contract_in_float64(case):
+    """Random 3-D CNNs at most 16^3 (R <= 8, at most 2 patches per axis), float64."""
+    model, x, mask = _float64(case)
+    assert model.spatial_dims == 3 and x.dim() == 5 and max(x.shape[2:]) <= 16
+    assert_sparse_semantics(model, x, mask)

@@ -31,3 +31,20 @@ def test_readme_custom_adapter_example():
 
     results = assert_sparse_semantics(net, input_size=(32, 48))
     assert all(r.passed for r in results)
+
+
+def test_readme_nd_example_runs_as_written():
+    """The *N-d in the API* block runs and its comments state what it returns."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = readme.split("### N-d in the API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README N-d example", "exec"), scope)
+    enc = scope["enc"]
+    assert enc.spatial_dims == 3 and enc.feature_strides == [(2, 4, 4), (4, 8, 8), (8, 16, 16)]
+    assert enc.downsample_ratio == (8, 16, 16) == enc.patch_size and scope["grid"] == (2, 4, 4)
+    assert tuple(scope["mask"].shape) == (2, 1, 2, 4, 4)
+    assert [tuple(f.shape[2:]) for f in scope["feats"]] == [(8, 16, 16), (4, 8, 8), (2, 4, 4)]

@@ -10,7 +10,11 @@ Every generated network
 * has a known total downsample ratio ``R`` (the product of its strides, exposed as
   ``net.downsample_ratio``), and maps an input of size ``(H, W)``, both multiples of ``R``, to a final
   feature map of exactly ``(H // R, W // R)``: every padding is chosen so sizes stay exact;
-* is tiny (a few channels, a handful of blocks), so a forward pass takes milliseconds.
+* is tiny (a few channels, a handful of blocks), so a forward pass takes milliseconds;
+* has ``spec.spatial_dims`` spatial dims (1: signals ``(B, C, L)``, 2: images, 3: volumes ``(B, C, D,
+  H, W)``): one builder for every rank, each layer its rank's version (``Conv1d`` / ``Conv3d``,
+  ``BatchNorm3d``, ``F.max_pool1d``, ...). timm's layers (``StdConv2d``, ``BatchNormAct2d``,
+  ``GroupNormAct``, ``LayerNorm2d``) exist in 2-D only.
 
 Ingredients: convolutions of kernel 1-7, stride 1-2, dilation, groups and depthwise, padded by the
 conv itself, by an explicit ``F.pad`` or TF-"same" style (asymmetric), written as ``nn.Conv2d``,
@@ -33,6 +37,8 @@ flatten -> linear) that stage discovery must cut.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +64,7 @@ __all__ = [
     "SESpec",
     "SpatialGateSpec",
     "SplitSpec",
+    "TIMM_2D_NORMS",
     "build_cnn",
     "every_ingredient_spec",
 ]
@@ -109,6 +116,48 @@ _ACT_FUNCTIONS = {
     "hardsigmoid": F.hardsigmoid,
     "softplus": F.softplus,
 }
+
+
+_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+#: Norms built from timm's 2-D layers: not available for other spatial ranks.
+TIMM_2D_NORMS: tuple[str, ...] = ("bnact", "gnact", "timm_ln2d")
+
+_BUILD_RANK = [2]  # the spatial rank of the network being built (set by RandomCNN)
+
+
+@contextmanager
+def _building(rank: int) -> Iterator[None]:
+    _BUILD_RANK.append(rank)
+    try:
+        yield
+    finally:
+        _BUILD_RANK.pop()
+
+
+def _rank() -> int:
+    return _BUILD_RANK[-1]
+
+
+def _nd(name: str, rank: int | None = None):
+    """``nn.Conv2d`` -> ``nn.Conv1d`` / ``nn.Conv3d`` (and ``F.max_pool2d`` -> ...) for the rank
+    being built: one builder for every rank."""
+    rank = _rank() if rank is None else rank
+    nd = name.replace("2d", f"{rank}d")
+    return getattr(nn, nd) if hasattr(nn, nd) else getattr(F, nd)
+
+
+# Forwards are traced by fx, where x.dim() is not a number: the rank is fixed when a module is built.
+def _spatial(rank: int) -> tuple[int, ...]:
+    return tuple(range(2, 2 + rank))
+
+
+def _channels_last(x: torch.Tensor, rank: int) -> torch.Tensor:
+    return x.permute(0, *range(2, 2 + rank), 1)
+
+
+def _channels_first(x: torch.Tensor, rank: int) -> torch.Tensor:
+    return x.permute(0, rank + 1, *range(1, rank + 1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -406,6 +455,7 @@ class CNNSpec:
     blocks: tuple[BlockSpec, ...]
     head: HeadSpec | None = None
     seed: int = 0
+    spatial_dims: int = 2
 
     @property
     def downsample_ratio(self) -> int:
@@ -441,11 +491,10 @@ class LayerNorm2dPermute(nn.Module):
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(channels, eps=eps)
+        self.rank = _rank()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = self.norm(x)
-        return x.permute(0, 3, 1, 2)
+        return _channels_first(self.norm(_channels_last(x, self.rank)), self.rank)
 
 
 class FunctionalAct(nn.Module):
@@ -474,8 +523,10 @@ def make_norm(name: str, channels: int) -> nn.Module:
     """A normalisation module over ``channels`` by name (see :data:`NORMS`)."""
     if name == "none":
         return nn.Identity()
+    if name in TIMM_2D_NORMS and _rank() != 2:
+        raise ValueError(f"norm {name!r} is a timm 2-D layer; use bn, gn, ln2d or in for {_rank()}-D networks")
     if name == "bn":
-        return nn.BatchNorm2d(channels)
+        return _nd("BatchNorm2d")(channels)
     if name == "bnact":
         from timm.layers import BatchNormAct2d
 
@@ -487,7 +538,7 @@ def make_norm(name: str, channels: int) -> nn.Module:
 
         return LayerNorm2d(channels)
     if name == "in":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return _nd("InstanceNorm2d")(channels, affine=True)
     if name == "gnact" or name.startswith("gnact:"):
         from timm.layers import GroupNormAct
 
@@ -516,17 +567,21 @@ class ConvNormAct(nn.Module):
             raise ValueError(f"stride must be 1 or 2: {spec}")
         if spec.pad_mode not in ("conv", "explicit", "same"):
             raise ValueError(f"unknown pad_mode {spec.pad_mode!r}")
-        self.pad: tuple[int, int, int, int] | None = None
+        rank = _rank()
+        self.pad: tuple[int, ...] | None = None
         if spec.pad_mode == "explicit":
-            self.pad = (spec.padding,) * 4
+            self.pad = (spec.padding,) * (2 * rank)
         elif spec.pad_mode == "same":
-            self.pad = spec.same_padding
+            self.pad = spec.same_padding[:2] * rank
         padding = spec.padding if spec.pad_mode == "conv" else 0
         kwargs = dict(stride=spec.stride, padding=padding, dilation=spec.dilation, groups=spec.groups, bias=spec.bias)
         self.functional = spec.conv == "functional"
+        self.conv_fn = _nd("conv2d", rank)
         if spec.conv in ("module", "functional"):
-            self.conv = nn.Conv2d(cin, spec.out, spec.kernel, **kwargs)
+            self.conv = _nd("Conv2d")(cin, spec.out, spec.kernel, **kwargs)
         elif spec.conv == "std":
+            if rank != 2:
+                raise ValueError("timm's StdConv2d is 2-D only")
             from timm.layers import StdConv2d
 
             self.conv = StdConv2d(cin, spec.out, spec.kernel, **kwargs)
@@ -540,7 +595,7 @@ class ConvNormAct(nn.Module):
             x = F.pad(x, self.pad)
         if self.functional:
             c = self.conv
-            x = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            x = self.conv_fn(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         else:
             x = self.conv(x)
         return self.act(self.norm(x))
@@ -552,14 +607,14 @@ class Pool(nn.Module):
     def __init__(self, spec: PoolSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.pad = nn.ZeroPad2d(spec.padding) if spec.zero_pad else nn.Identity()
+        self.pad = _nd("ZeroPad2d")(spec.padding) if spec.zero_pad else nn.Identity()
         if spec.zero_pad:
             spec = PoolSpec(spec.kind, spec.kernel, spec.stride, 0, spec.ceil_mode, spec.count_include_pad,
                             spec.functional)
         if spec.kind == "max":
-            self.pool = nn.MaxPool2d(spec.kernel, spec.stride, spec.padding, ceil_mode=spec.ceil_mode)
+            self.pool = _nd("MaxPool2d")(spec.kernel, spec.stride, spec.padding, ceil_mode=spec.ceil_mode)
         elif spec.kind == "avg":
-            self.pool = nn.AvgPool2d(
+            self.pool = _nd("AvgPool2d")(
                 spec.kernel,
                 spec.stride,
                 spec.padding,
@@ -579,12 +634,13 @@ class _FunctionalPool(nn.Module):
     def __init__(self, spec: PoolSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.max_pool, self.avg_pool = _nd("max_pool2d"), _nd("avg_pool2d")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         if s.kind == "max":
-            return F.max_pool2d(x, s.kernel, s.stride, s.padding, ceil_mode=s.ceil_mode)
-        return F.avg_pool2d(
+            return self.max_pool(x, s.kernel, s.stride, s.padding, ceil_mode=s.ceil_mode)
+        return self.avg_pool(
             x, s.kernel, s.stride, s.padding, ceil_mode=s.ceil_mode, count_include_pad=s.count_include_pad
         )
 
@@ -598,33 +654,36 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, spec: SESpec) -> None:
         super().__init__()
         self.mode = spec.pool
+        self.adaptive_avg, self.avg_pool, self.max_pool = (_nd("adaptive_avg_pool2d"), _nd("avg_pool2d"),
+                                                           _nd("max_pool2d"))
+        self.rank = _rank()
         if spec.pool == "adaptive":
-            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.pool = _nd("AdaptiveAvgPool2d")(1)
         elif spec.pool == "adaptive_max":
-            self.pool = nn.AdaptiveMaxPool2d(1)
+            self.pool = _nd("AdaptiveMaxPool2d")(1)
         elif spec.pool not in ("mean", "functional", "sum", "amax", "whole_avg", "whole_max", "bn"):
             raise ValueError(f"unknown SE pool {spec.pool!r}")
-        self.fc1 = nn.Conv2d(channels, spec.reduced, 1)
-        self.bn = nn.BatchNorm2d(spec.reduced) if spec.pool == "bn" else nn.Identity()
+        self.fc1 = _nd("Conv2d")(channels, spec.reduced, 1)
+        self.bn = _nd("BatchNorm2d")(spec.reduced) if spec.pool == "bn" else nn.Identity()
         self.act = make_act(spec.act)
-        self.fc2 = nn.Conv2d(spec.reduced, channels, 1)
+        self.fc2 = _nd("Conv2d")(spec.reduced, channels, 1)
         self.gate = make_act(spec.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode in ("adaptive", "adaptive_max"):
             s = self.pool(x)
         elif self.mode == "functional":
-            s = F.adaptive_avg_pool2d(x, 1)
+            s = self.adaptive_avg(x, 1)
         elif self.mode == "sum":
-            s = x.sum((2, 3), keepdim=True) * 0.1
+            s = x.sum(_spatial(self.rank), keepdim=True) * 0.1
         elif self.mode == "amax":
-            s = x.amax((2, 3), keepdim=True)
+            s = x.amax(_spatial(self.rank), keepdim=True)
         elif self.mode in ("whole_avg", "whole_max"):
             b, c = x.shape[0], x.shape[1]
-            pooled = F.avg_pool2d(x, x.size()[2:]) if self.mode == "whole_avg" else F.max_pool2d(x, x.shape[2:])
-            s = pooled.view(b, c).view(b, c, 1, 1)
+            pooled = self.avg_pool(x, x.size()[2:]) if self.mode == "whole_avg" else self.max_pool(x, x.shape[2:])
+            s = pooled.view(b, c).view(b, c, *(1,) * self.rank)
         else:
-            s = x.mean((2, 3), keepdim=True)
+            s = x.mean(_spatial(self.rank), keepdim=True)
         return x * self.gate(self.fc2(self.act(self.bn(self.fc1(s)))))
 
     def extra_repr(self) -> str:
@@ -648,11 +707,12 @@ class Residual(nn.Module):
                 raise ValueError(f"identity shortcut needs stride 1 and equal channels: {spec}")
             self.shortcut = nn.Identity()
         elif spec.shortcut == "conv":
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, c, 1, stride=stride, bias=False), nn.BatchNorm2d(c))
+            self.shortcut = nn.Sequential(_nd("Conv2d")(cin, c, 1, stride=stride, bias=False),
+                                          _nd("BatchNorm2d")(c))
         elif spec.shortcut == "avgconv":
-            pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+            pool = _nd("AvgPool2d")(stride, stride, ceil_mode=True, count_include_pad=False)
             self.shortcut = nn.Sequential(
-                pool if stride > 1 else nn.Identity(), nn.Conv2d(cin, c, 1, bias=False), nn.BatchNorm2d(c)
+                pool if stride > 1 else nn.Identity(), _nd("Conv2d")(cin, c, 1, bias=False), _nd("BatchNorm2d")(c)
             )
         else:
             raise ValueError(f"unknown shortcut {spec.shortcut!r}")
@@ -714,19 +774,20 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         if spec.kernel % 2 == 0:
             raise ValueError(f"ConvNeXt block needs an odd kernel: {spec}")
-        self.dwconv = nn.Conv2d(channels, channels, spec.kernel, padding=spec.kernel // 2, groups=channels)
+        self.dwconv = _nd("Conv2d")(channels, channels, spec.kernel, padding=spec.kernel // 2, groups=channels)
         self.norm = nn.LayerNorm(channels, eps=1e-6)
         self.fc1 = nn.Linear(channels, channels * spec.expansion)
         self.act = make_act(spec.act)
         self.fc2 = nn.Linear(channels * spec.expansion, channels)
         self.gamma = nn.Parameter(torch.full((channels,), 0.5)) if spec.layer_scale else None
+        self.rank = _rank()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = _channels_last(self.dwconv(x), self.rank)
         y = self.fc2(self.act(self.fc1(self.norm(y))))
         if self.gamma is not None:
             y = y * self.gamma
-        return x + y.permute(0, 3, 1, 2)
+        return x + _channels_first(y, self.rank)
 
 
 class ECA(nn.Module):
@@ -737,11 +798,12 @@ class ECA(nn.Module):
         if spec.kernel % 2 == 0:
             raise ValueError(f"ECA needs an odd kernel: {spec}")
         self.conv = nn.Conv1d(1, 1, spec.kernel, padding=spec.kernel // 2, bias=False)
+        self.rank = _rank()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.mean((2, 3)).unsqueeze(1)  # (B, 1, C)
+        y = x.mean(_spatial(self.rank)).unsqueeze(1)  # (B, 1, C)
         y = torch.sigmoid(self.conv(y)).squeeze(1)
-        return x * y[:, :, None, None]
+        return x * y[(..., *(None,) * self.rank)]
 
 
 class GRN(nn.Module):
@@ -750,12 +812,14 @@ class GRN(nn.Module):
     def __init__(self, channels: int, spec: GRNSpec) -> None:
         super().__init__()
         self.form = spec.form
-        self.gamma = nn.Parameter(torch.full((1, 1, 1, channels), 0.5))
-        self.beta = nn.Parameter(torch.full((1, 1, 1, channels), 0.1))
+        self.rank = _rank()
+        ones = (1,) * (self.rank + 1)
+        self.gamma = nn.Parameter(torch.full((*ones, channels), 0.5))
+        self.beta = nn.Parameter(torch.full((*ones, channels), 0.1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        x = _channels_last(x, self.rank)
+        gx = torch.norm(x, p=2, dim=tuple(range(1, self.rank + 1)), keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         if self.form == "addcmul":
             x = torch.addcmul(self.beta, self.gamma, x * nx) + x
@@ -763,7 +827,7 @@ class GRN(nn.Module):
             x = torch.lerp(x, x * nx, self.gamma) + self.beta
         else:
             x = self.gamma * (x * nx) + self.beta + x
-        return x.permute(0, 3, 1, 2)
+        return _channels_first(x, self.rank)
 
 
 class SpatialGate(nn.Module):
@@ -772,7 +836,7 @@ class SpatialGate(nn.Module):
     def __init__(self, channels: int, spec: SpatialGateSpec) -> None:
         super().__init__()
         self.stats = spec.stats
-        self.conv = nn.Conv2d(len(spec.stats), 1, spec.kernel, padding=spec.kernel // 2)
+        self.conv = _nd("Conv2d")(len(spec.stats), 1, spec.kernel, padding=spec.kernel // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = []
@@ -797,17 +861,20 @@ class ImagePool(nn.Module):
     def __init__(self, channels: int, spec: ImagePoolSpec) -> None:
         super().__init__()
         self.up = spec.up
-        self.branch = nn.Conv2d(channels, spec.width, 1)
-        self.pool_conv = nn.Conv2d(channels, spec.width, 1, bias=not spec.bn)
-        self.pool_norm = nn.BatchNorm2d(spec.width) if spec.bn else nn.Identity()
-        self.project = nn.Conv2d(2 * spec.width, channels, 1)
+        self.branch = _nd("Conv2d")(channels, spec.width, 1)
+        self.pool_conv = _nd("Conv2d")(channels, spec.width, 1, bias=not spec.bn)
+        self.pool_norm = _nd("BatchNorm2d")(spec.width) if spec.bn else nn.Identity()
+        self.project = _nd("Conv2d")(2 * spec.width, channels, 1)
+        self.adaptive_avg = _nd("adaptive_avg_pool2d")
+        self.mode = _LINEAR[_rank()] if spec.up == "bilinear" else spec.up
+        self.rank = _rank()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = F.relu(self.pool_norm(self.pool_conv(F.adaptive_avg_pool2d(x, 1))))
+        p = F.relu(self.pool_norm(self.pool_conv(self.adaptive_avg(x, 1))))
         if self.up == "expand":
-            p = p.expand(-1, -1, x.shape[2], x.shape[3])
+            p = p.expand(-1, -1, *(x.shape[d] for d in _spatial(self.rank)))
         else:
-            p = F.interpolate(p, size=x.shape[-2:], mode=self.up,
+            p = F.interpolate(p, size=x.shape[2:], mode=self.mode,
                               align_corners=False if self.up == "bilinear" else None)
         return self.project(torch.cat([self.branch(x), p], 1))
 
@@ -827,20 +894,21 @@ class DownUp(nn.Module):
         self.spec = spec
         self.down = ConvNormAct(cin, spec.down)
         if spec.up == "convT":
-            self.up = nn.ConvTranspose2d(cin, cin, 4, stride=2, padding=1)
+            self.up = _nd("ConvTranspose2d")(cin, cin, 4, stride=2, padding=1)
         elif spec.up == "upsample":
             self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
         elif spec.up in ("nearest", "bilinear"):
             self.up = None
         else:
             raise ValueError(f"unknown up {spec.up!r}")
+        self.linear = _LINEAR[_rank()]  # "bilinear" in 2-D, "linear" / "trilinear" in 1-D / 3-D
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.down(x)
         if self.up is not None:
             y = self.up(y)
         elif self.spec.up == "bilinear":
-            y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, scale_factor=2.0, mode=self.linear, align_corners=False)
         else:
             y = F.interpolate(y, scale_factor=2.0, mode="nearest")
         if self.spec.merge == "cat":
@@ -857,14 +925,15 @@ class Head(nn.Module):
     def __init__(self, channels: int, spec: HeadSpec) -> None:
         super().__init__()
         self.mode = spec.pool
-        self.pool = nn.AdaptiveAvgPool2d(1) if spec.pool == "adaptive" else nn.Identity()
+        self.pool = _nd("AdaptiveAvgPool2d")(1) if spec.pool == "adaptive" else nn.Identity()
+        self.rank = _rank()
         self.fc = nn.Linear(channels, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "adaptive":
             x = self.pool(x).flatten(1)
         else:
-            x = x.mean((2, 3))
+            x = x.mean(_spatial(self.rank))
         return self.fc(x)
 
 
@@ -916,14 +985,16 @@ class RandomCNN(nn.Module):
         self.spec = spec
         self.in_chans = spec.in_chans
         self.downsample_ratio = spec.downsample_ratio
+        self.spatial_dims = spec.spatial_dims
         blocks = []
         c = spec.in_chans
-        for b in spec.blocks:
-            blocks.append(_build_block(c, b))
-            c = b.out_channels(c)
+        with _building(spec.spatial_dims):
+            for b in spec.blocks:
+                blocks.append(_build_block(c, b))
+                c = b.out_channels(c)
+            self.head = Head(c, spec.head) if spec.head is not None else None
         self.out_channels = c
         self.features = nn.Sequential(*blocks)
-        self.head = Head(c, spec.head) if spec.head is not None else None
         self.num_classes = spec.head.num_classes if spec.head is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -932,12 +1003,12 @@ class RandomCNN(nn.Module):
             x = self.head(x)
         return x
 
-    def output_shape(self, batch: int, size: tuple[int, int]) -> tuple[int, ...]:
+    def output_shape(self, batch: int, size: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``forward``'s output for a ``(batch, in_chans, *size)`` input."""
         if self.num_classes is not None:
             return (batch, self.num_classes)
         r = self.downsample_ratio
-        return (batch, self.out_channels, size[0] // r, size[1] // r)
+        return (batch, self.out_channels, *(s // r for s in size))
 
     def extra_repr(self) -> str:
         return f"in_chans={self.in_chans}, downsample_ratio={self.downsample_ratio}, seed={self.spec.seed}"
@@ -955,12 +1026,13 @@ def build_cnn(spec: CNNSpec) -> RandomCNN:
         net = RandomCNN(spec)
         with torch.no_grad():
             for m in net.modules():
-                if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)):
+                if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                                  nn.modules.instancenorm._InstanceNorm)):
                     if getattr(m, "weight", None) is not None:
                         m.weight.uniform_(0.5, 1.5)
                     if getattr(m, "bias", None) is not None:
                         m.bias.uniform_(-0.5, 0.5)
-                if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                     m.running_mean.normal_(0.0, 0.2)
                     m.running_var.uniform_(0.5, 2.0)
     return net

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .random_cnn import (
     ACTIVATIONS,
+    TIMM_2D_NORMS,
     ActSpec,
     CNNSpec,
     ConcatSpec,
@@ -101,9 +102,23 @@ def channel_counts(min_channels: int = 1, max_channels: int = 8) -> st.SearchStr
     return st.integers(min_value=min_channels, max_value=max_channels)
 
 
-def grid_sizes(min_cells: int = 1, max_cells: int = 4, *, square: bool | None = None) -> st.SearchStrategy:
-    """``(h, w)`` patch-grid sizes. ``square=True`` forces h == w, ``False`` forces h != w, ``None``
-    allows both."""
+def grid_sizes(min_cells: int = 1, max_cells: int = 4, *, square: bool | None = None,
+               spatial_dims: int = 2) -> st.SearchStrategy:
+    """``(h, w)`` patch-grid sizes (``(l,)`` or ``(d, h, w)`` for ``spatial_dims`` 1 or 3). ``square=True``
+    forces equal sides, ``False`` forces the last two to differ (the first two in 2-D), ``None`` allows
+    both."""
+    if spatial_dims != 2:
+        @st.composite
+        def _draw_nd(draw: st.DrawFn) -> tuple[int, ...]:
+            first = draw(st.integers(min_cells, max_cells))
+            if square:
+                return (first,) * spatial_dims
+            rest = [draw(st.integers(min_cells, max_cells)) for _ in range(spatial_dims - 1)]
+            if square is False and rest and rest[-1] == first:
+                rest[-1] = min_cells if first != min_cells else max_cells
+            return (first, *rest)
+
+        return _draw_nd()
 
     @st.composite
     def _draw(draw: st.DrawFn) -> tuple[int, int]:
@@ -131,20 +146,20 @@ def input_sizes(
 
 def masks(
     batch: int,
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     *,
     min_visible: int = 1,
     allow_fully_masked: bool = False,
     device: torch.device | str | None = None,
 ) -> st.SearchStrategy[torch.Tensor]:
-    """Bool masks of shape ``(batch, 1, h, w)``, True = visible.
+    """Bool masks of shape ``(batch, 1, *grid)`` (``(batch, 1, h, w)`` for images), True = visible.
 
     Each sample keeps at least ``min_visible`` visible patches (clipped to the grid size) unless
     ``allow_fully_masked`` is set, in which case a sample may be entirely masked. Hypothesis shrinks
     towards all-visible.
     """
-    h, w = grid
-    n = h * w
+    grid = tuple(grid)
+    n = math.prod(grid)
     need = 0 if allow_fully_masked else min(max(min_visible, 0), n)
 
     @st.composite
@@ -160,7 +175,7 @@ def masks(
                 for i in chosen:
                     visible[i] = True
             rows.append(visible)
-        return torch.tensor(rows, dtype=torch.bool, device=device).view(batch, 1, h, w)
+        return torch.tensor(rows, dtype=torch.bool, device=device).view(batch, 1, *grid)
 
     return _draw()
 
@@ -231,6 +246,7 @@ def _conv(
     max_channels: int,
     norms: Sequence[str],
     acts: Sequence[str],
+    spatial_dims: int = 2,
 ) -> ConvSpec:
     kernel = draw(st.integers(1, 7))
     dilation = 1
@@ -261,18 +277,24 @@ def _conv(
         pad_mode=pad_mode,
         # weight standardisation needs more than one weight per output channel
         conv=draw(
-            st.sampled_from(["module", "module", "functional"] + (["std"] if cin // groups * kernel**2 > 1 else []))
+            st.sampled_from(["module", "module", "functional"]
+                            + (["std"] if cin // groups * kernel**2 > 1 and spatial_dims == 2 else []))
         ),
     )
 
 
 @st.composite
-def _pool(draw: st.DrawFn, stride: int) -> PoolSpec:
-    kind = draw(st.sampled_from(["max", "avg"]))
+def _pool(draw: st.DrawFn, stride: int, spatial_dims: int = 2) -> PoolSpec:
+    # PyTorch's avg_pool3d refuses a window larger than the unpadded input (padding or ceil_mode do not
+    # help), which the small maps drawn here often are: 3-D average pools get 2-site windows only.
+    kind = draw(st.sampled_from(["max"] if spatial_dims == 3 and stride == 1 else ["max", "avg"]))
     if stride == 1:
         kernel, padding, ceil_mode = 3, 1, draw(st.booleans())
     else:
-        kernel, padding, ceil_mode = draw(st.sampled_from([(2, 0, False), (2, 0, True), (3, 1, False), (3, 0, True)]))
+        windows = [(2, 0, False), (2, 0, True), (3, 1, False), (3, 0, True)]
+        if spatial_dims == 3:
+            windows = [w for w in windows if w[0] == 2 or kind == "max" and w[2] is False]
+        kernel, padding, ceil_mode = draw(st.sampled_from(windows))
     return PoolSpec(
         kind=kind,
         kernel=kernel,
@@ -295,12 +317,13 @@ def _block(
     max_channels: int,
     norms: Sequence[str],
     acts: Sequence[str],
+    spatial_dims: int = 2,
 ):
-    kw = dict(max_channels=max_channels, norms=norms, acts=acts)
+    kw = dict(max_channels=max_channels, norms=norms, acts=acts, spatial_dims=spatial_dims)
     if kind == "conv":
         return draw(_conv(cin, stride, out=None, **kw))
     if kind == "pool":
-        return draw(_pool(stride))
+        return draw(_pool(stride, spatial_dims))
     if kind == "act":
         return ActSpec(act=draw(st.sampled_from(acts)), functional=draw(st.booleans()))
     if kind == "se":
@@ -381,6 +404,7 @@ def random_cnn_specs(
     acts: Sequence[str] = ACTS,
     blocks: Sequence[str] = BLOCK_KINDS,
     head: bool | None = None,
+    spatial_dims: int = 2,
 ) -> st.SearchStrategy[CNNSpec]:
     """Specs of small random CNNs (see :mod:`sparsify.testing.random_cnn`).
 
@@ -393,8 +417,12 @@ def random_cnn_specs(
         norms, acts, blocks: the ingredients to draw from (subsets of :data:`NORM_KINDS`,
             :data:`ACTS`, :data:`BLOCK_KINDS`).
         head: True / False to force a classification head or none; None draws it.
+        spatial_dims: 1 (signal CNNs), 2 (images) or 3 (volume CNNs); timm's 2-D-only norms and
+            weight-standardised convs are left out of the draws in other ranks.
     """
     norms, acts, blocks = tuple(norms), tuple(acts), tuple(blocks)
+    if spatial_dims != 2:
+        norms = tuple(n for n in norms if n not in TIMM_2D_NORMS) or ("bn",)
     down_kinds = tuple(k for k in blocks if k in _DOWN_KINDS) or ("conv",)
     unknown = set(blocks) - set(BLOCK_KINDS)
     if unknown:
@@ -409,7 +437,7 @@ def random_cnn_specs(
         stem_down = n_down > 0 and draw(st.booleans())
         slots = [2] * (n_down - int(stem_down)) + [1] * n_keep
         slots = list(draw(st.permutations(slots)))
-        kw = dict(max_channels=max_channels, norms=norms, acts=acts)
+        kw = dict(max_channels=max_channels, norms=norms, acts=acts, spatial_dims=spatial_dims)
         specs = [draw(_conv(cin0, 2 if stem_down else 1, out=None, **kw))]
         c = specs[0].out
         downs_done = int(stem_down)
@@ -431,7 +459,8 @@ def random_cnn_specs(
             if use_head
             else None
         )
-        return CNNSpec(in_chans=cin0, blocks=tuple(specs), head=head_spec, seed=draw(st.integers(0, 2**16)))
+        return CNNSpec(in_chans=cin0, blocks=tuple(specs), head=head_spec, seed=draw(st.integers(0, 2**16)),
+                       spatial_dims=spatial_dims)
 
     return _draw()
 
@@ -462,8 +491,8 @@ class CNNCase(NamedTuple):
     x_offset: float = 0.0
 
     @property
-    def input_size(self) -> tuple[int, int]:
-        return (self.x.shape[-2], self.x.shape[-1])
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[2:])
 
     def __repr__(self) -> str:
         return (
@@ -482,8 +511,10 @@ def cnn_cases(
 ) -> st.SearchStrategy[CNNCase]:
     """A random CNN together with a fitting input (non-square sizes, multiples of R) and mask.
 
-    ``spec_kwargs`` go to :func:`random_cnn_specs`.
+    ``spec_kwargs`` go to :func:`random_cnn_specs` (``spatial_dims=1`` or ``3`` for signal or volume
+    CNNs).
     """
+    rank = spec_kwargs.get("spatial_dims", 2)
 
     @st.composite
     def _draw(draw: st.DrawFn) -> CNNCase:
@@ -491,12 +522,12 @@ def cnn_cases(
         r = spec.downsample_ratio
         # At least two cells, so that train-mode BatchNorm / InstanceNorm see more than one value
         # per channel even at the coarsest scale with a batch of one.
-        grid = draw(grid_sizes(1, max_cells, square=square).filter(lambda g: g[0] * g[1] >= 2))
+        grid = draw(grid_sizes(1, max_cells, square=square, spatial_dims=rank).filter(lambda g: math.prod(g) >= 2))
         # BatchNorm over pooled (B, C, 1, 1) vectors needs two samples in train mode, as in the model
         batch = draw(batch_sizes(spec.min_train_batch, max(max_batch, spec.min_train_batch)))
         seed = draw(seeds())
         offset = draw(st.sampled_from(_OFFSETS))
-        x = _image(batch, spec.in_chans, (grid[0] * r, grid[1] * r), seed, offset)
+        x = _image(batch, spec.in_chans, tuple(g * r for g in grid), seed, offset)
         mask = draw(masks(batch, grid, allow_fully_masked=allow_fully_masked))
         return CNNCase(spec, build_cnn(spec), x, mask, seed, offset)
 
