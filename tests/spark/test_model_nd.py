@@ -211,3 +211,21 @@ def test_encoder_mismatches_are_clear_errors():
     del bad.spatial_dims  # an old encoder: 2-D by default, so its 3-D strides do not fit
     with pytest.raises(SparsifyError, match="is 2-D"):
         SparK(bad)
+
+
+def test_3d_spark_compiles_in_one_graph_and_runs_under_bf16_autocast():
+    case = "video"
+    spark = _spark(case, in_chans=1)
+    x = _smooth(2, 1, CASES[case][2])
+    mask = spark.draw_mask(x, torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(spark)(x, mask, check_mask=False)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = spark(x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in spark.parameters())
