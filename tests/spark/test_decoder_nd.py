@@ -84,8 +84,8 @@ def _pyramids(draw):
         if max(step) == 1:
             step = (2,) + step[1:]
         strides.append(tuple(a * b for a, b in zip(strides[-1], step)))
-    if rank == 3 and max(finest) == 1 and len(strides) == 1:
-        strides.append((1, 2, 2))
+    if max(finest) == 1 and len(strides) == 1:  # at least one upsampling step
+        strides.append((1,) * (rank - 1) + (2,))
     return rank, strides
 
 
@@ -121,3 +121,9 @@ def test_decoder_refuses_features_of_the_wrong_size():
     feats[1] = feats[1][..., :-1]
     with pytest.raises(SparsifyError, match="multiple of the downsample ratio"):
         dec(feats)
+
+
+def test_a_single_stride_one_scale_needs_no_step():
+    dec = LightDecoder([1], 8, 2, spatial_dims=1)
+    assert dec.steps == [] and len(dec.blocks) == 0
+    assert dec([torch.randn(2, 8, 10)]).shape == (2, 2, 10)
