@@ -184,6 +184,14 @@ class SparK(nn.Module):
             for i, (c, w) in enumerate(zip(coarse_first, self.decoder.skip_widths))
         )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, giving a SparK pickled before N-d support its 2-D defaults."""
+        super().__setstate__(state)
+        if "spatial_dims" not in state:
+            ratio = per_axis(self.downsample_ratio, 2, "downsample_ratio")
+            self.spatial_dims, self.loss, self.patch_size = 2, "spark", self.downsample_ratio
+            self._size_geometry = self._mask_geometry = Geometry(2, ratio)
+
     # ----------------------------------------------------------------------------------- inputs
     def _check_input(self, x: torch.Tensor) -> tuple[int, ...]:
         """Check a batch; return its mask grid."""

@@ -229,3 +229,17 @@ def test_3d_spark_compiles_in_one_graph_and_runs_under_bf16_autocast():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in spark.parameters())
+
+
+def test_a_spark_pickled_before_nd_support_unpickles_as_2d():
+    torch.manual_seed(0)
+    spark = SparK(ToyEncoder(3, (8, 16), (4, 8), "batch"), decoder_width=16).eval()
+    x = torch.randn(2, 3, 32, 48)
+    mask = spark.draw_mask(x, torch.Generator().manual_seed(0))
+    state = dict(spark.__dict__)
+    for key in ("spatial_dims", "loss", "patch_size", "_size_geometry", "_mask_geometry"):  # not in old pickles
+        del state[key]
+    old = SparK.__new__(SparK)
+    old.__setstate__(state)
+    assert (old.spatial_dims, old.loss, old.patch_size) == (2, "spark", 8)
+    torch.testing.assert_close(old(x, mask=mask), spark(x, mask=mask))
