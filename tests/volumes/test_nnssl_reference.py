@@ -87,8 +87,9 @@ def _compare(enc, model, x, block_mask, block, train: bool, coarse: str = "dense
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), train=st.booleans())
 def test_sparsify_matches_the_reference_2d(seed, batch, train):
-    """2-D, mask blocks the size of the total stride: every stage lies at or below the block size."""
+    """2-D, mask blocks the size of the total stride; every stage from stride 1 (nnssl uses them all)."""
     model = res_enc(2, [1, 2, 2, 2])
-    enc = sparsify.wrap(model, (32, 48))
+    enc = sparsify.wrap(model, (32, 48), stages=[f"stages.{i}" for i in range(4)])
+    assert enc.feature_strides == [1, 2, 4, 8]
     x = torch.randn(batch, 1, 32, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     _compare(enc, model, x, _random_block_mask(batch, (4, 6), seed), (8, 8), train)
