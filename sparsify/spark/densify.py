@@ -4,10 +4,12 @@ SparK's encoder leaves every masked site of its features exactly zero ("absent")
 can use a scale, that scale is *densified*:
 
 1. a normalisation computed over the active (visible) sites only,
-2. a learned mask token, one (1, C, 1, 1) parameter per scale, written into every masked site,
+2. a learned mask token, one (1, C, 1, 1) parameter per scale ((1, C, 1) for signals, (1, C, 1, 1, 1)
+   for volumes), written into every masked site,
 3. a projection to the decoder's width at that scale: 1x1 conv at the coarsest scale (identity there
    when the encoder width already equals the decoder width), 3x3 conv at every finer scale, even when
-   the widths match (as the official SparK does: the 3x3 also mixes neighbouring sites).
+   the widths match (as the official SparK does: the 3x3 also mixes neighbouring sites). Volumes use
+   the 3-D versions of each (3x3x3), signals the 1-D ones.
 
 All statistics use the mask as a 0/1 weight, so nothing here synchronises with the host or has a
 data-dependent shape; it runs under autocast and ``torch.compile(fullgraph=True)``.
@@ -18,11 +20,23 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import SparsifyError
-from ._patches import repeat_mask
+from ._patches import mask_at
+from ._rank import CONV, check_rank
 
-__all__ = ["DENSIFY_NORMS", "MaskedBatchNorm2d", "ChannelLayerNorm2d", "Densify", "resolve_densify_norm"]
+__all__ = [
+    "DENSIFY_NORMS",
+    "MASKED_BATCH_NORMS",
+    "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MaskedBatchNorm3d",
+    "ChannelLayerNorm",
+    "ChannelLayerNorm2d",
+    "Densify",
+    "resolve_densify_norm",
+]
 
 #: Accepted values of ``densify_norm`` (besides ``"auto"``).
 DENSIFY_NORMS = ("batch", "layer", "none")
@@ -50,25 +64,28 @@ def resolve_densify_norm(densify_norm: str | None, encoder_norm_type: str | None
     return choice
 
 
-class MaskedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose batch statistics count active sites only.
+class _MaskedBatchNorm(_BatchNorm):
+    """BatchNorm whose batch statistics count active sites only, for any spatial rank.
 
     In training mode the mean and (biased) variance are 0/1-weighted sums over the active sites of the
-    whole batch, computed in (at least) fp32; the running estimates are updated with the unbiased variance, as
-    ``nn.BatchNorm2d`` does. In eval mode the running estimates are used. Masked sites of the output
-    are left unspecified (the caller overwrites them). Parameters and buffers have BatchNorm2d's names.
+    whole batch, computed in (at least) fp32; the running estimates are updated with the unbiased
+    variance, as ``nn.BatchNorm2d`` does. In eval mode the running estimates are used. Masked sites of
+    the output are left unspecified (the caller overwrites them). Parameters and buffers have the
+    torch BatchNorm's names.
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Normalise ``x`` (B, C, H, W) using the active sites of ``mask`` (B, 1, H, W, bool or 0/1)."""
+        """Normalise ``x`` (B, C, *size) using the active sites of ``mask`` (B, 1, *size, bool or 0/1)."""
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32 statistics
+        dims = (0, *range(2, x.dim()))
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
         if self.training or not self.track_running_stats:
             w = mask.to(xf.dtype)
             count = w.sum()
             n = count.clamp(min=1.0)
-            mean = (xf * w).sum(dim=(0, 2, 3)) / n
-            centred = (xf - mean.view(1, -1, 1, 1)) * w
-            var = centred.square().sum(dim=(0, 2, 3)) / n
+            mean = (xf * w).sum(dim=dims) / n
+            centred = (xf - mean.view(per_channel)) * w
+            var = centred.square().sum(dim=dims) / n
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, count)
         else:
@@ -79,7 +96,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             scale = scale * self.weight.to(xf.dtype)
             shift = shift * self.weight.to(xf.dtype) + self.bias.to(xf.dtype)
-        y = xf * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        y = xf * scale.view(per_channel) + shift.view(per_channel)
         return y.to(x.dtype)
 
     @torch.no_grad()
@@ -96,8 +113,34 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
             rv.lerp_(unbiased.to(rv.dtype), float(self.momentum))
 
 
-class ChannelLayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of each site of a (B, C, H, W) map.
+class MaskedBatchNorm1d(_MaskedBatchNorm, nn.BatchNorm1d):
+    """Masked BatchNorm (:class:`MaskedBatchNorm2d`'s rule) for (B, C, L) signal features."""
+
+
+class MaskedBatchNorm2d(_MaskedBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d whose batch statistics count active sites only.
+
+    In training mode the mean and (biased) variance are 0/1-weighted sums over the active sites of the
+    whole batch, computed in (at least) fp32; the running estimates are updated with the unbiased variance, as
+    ``nn.BatchNorm2d`` does. In eval mode the running estimates are used. Masked sites of the output
+    are left unspecified (the caller overwrites them). Parameters and buffers have BatchNorm2d's names.
+    """
+
+
+class MaskedBatchNorm3d(_MaskedBatchNorm, nn.BatchNorm3d):
+    """Masked BatchNorm (:class:`MaskedBatchNorm2d`'s rule) for (B, C, D, H, W) volume features."""
+
+
+#: The masked BatchNorm of each spatial rank.
+MASKED_BATCH_NORMS: dict[int, type[_MaskedBatchNorm]] = {
+    1: MaskedBatchNorm1d,
+    2: MaskedBatchNorm2d,
+    3: MaskedBatchNorm3d,
+}
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each site of a (B, C, *size) map, for any spatial rank.
 
     It has no statistics across space, so it needs no mask: every active site is normalised on its own.
     """
@@ -107,8 +150,12 @@ class ChannelLayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """Normalise over channels; ``mask`` is accepted for a uniform interface and ignored."""
-        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
+        y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
+
+
+class ChannelLayerNorm2d(ChannelLayerNorm):
+    """LayerNorm over the channels of each site of a (B, C, H, W) map (the 2-D densify's class)."""
 
 
 class _NoNorm(nn.Module):
@@ -125,32 +172,38 @@ class Densify(nn.Module):
         norm: ``"batch"`` (masked BatchNorm), ``"layer"`` (LayerNorm over channels) or ``"none"``.
         coarsest: whether this is the coarsest scale (1x1 projection, identity if the widths match) or a
             finer one (always a 3x3 projection).
+        spatial_dims: 1 (signals: BatchNorm1d, Conv1d), 2 (images) or 3 (volumes: BatchNorm3d, Conv3d,
+            a 3x3x3 projection); the mask token is (1, C) followed by one 1 per spatial axis.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str, coarsest: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str, coarsest: bool, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
+        rank = check_rank(spatial_dims)
         if norm == "batch":
-            self.norm: nn.Module = MaskedBatchNorm2d(in_channels)
+            self.norm: nn.Module = MASKED_BATCH_NORMS[rank](in_channels)
         elif norm == "layer":
-            self.norm = ChannelLayerNorm2d(in_channels)
+            self.norm = ChannelLayerNorm2d(in_channels) if rank == 2 else ChannelLayerNorm(in_channels)
         elif norm == "none":
             self.norm = _NoNorm()
         else:
             raise SparsifyError(f"unknown densify norm {norm!r}; use 'batch', 'layer' or 'none'")
-        self.mask_token = nn.Parameter(torch.zeros(1, in_channels, 1, 1))
+        self.mask_token = nn.Parameter(torch.zeros(1, in_channels, *(1,) * rank))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
         if coarsest and in_channels == out_channels:
             self.proj: nn.Module = nn.Identity()
         else:
             k = 1 if coarsest else 3
-            self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=k, padding=k // 2, bias=True)
+            self.proj = CONV[rank](in_channels, out_channels, kernel_size=k, padding=k // 2, bias=True)
 
     def forward(self, feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Densify ``feature`` (B, C, h, w); ``mask`` is the bool (B, 1, h', w') patch mask, True = visible.
+        """Densify ``feature`` (B, C, *size); ``mask`` is the bool (B, 1, *grid) patch mask, True = visible.
 
-        The mask is repeated to the feature's resolution here when it is coarser.
+        The mask is brought to the feature's resolution here (:func:`~._patches.mask_at`: repeated where
+        the feature is finer, "any patch visible" where it is coarser).
         """
-        mask = repeat_mask(mask, feature.shape[-2:])
+        mask = mask_at(mask, feature.shape[2:])
         if mask.dtype != torch.bool:
             mask = mask > 0.5
         y = self.norm(feature, mask)
