@@ -93,3 +93,20 @@ def test_sparsify_matches_the_reference_2d(seed, batch, train):
     assert enc.feature_strides == [1, 2, 4, 8]
     x = torch.randn(batch, 1, 32, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     _compare(enc, model, x, _random_block_mask(batch, (4, 6), seed), (8, 8), train)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), chans=st.integers(1, 3),
+       block=st.sampled_from([(4, 4, 4), (2, 4, 4), (4, 2, 8)]), grid=st.tuples(*[st.integers(1, 3)] * 3))
+def test_mse_loss_is_the_masked_voxel_mse(seed, batch, chans, block, grid):
+    """SparK(loss="mse")'s loss equals nnssl's: squared error averaged over every masked voxel and channel."""
+    from sparsify.spark.loss import masked_mse_loss
+
+    g = torch.Generator().manual_seed(seed)
+    size = tuple(b * n for b, n in zip(block, grid))
+    pred = torch.randn(batch, chans, *size, dtype=torch.float64, generator=g)
+    target = torch.randn(batch, chans, *size, dtype=torch.float64, generator=g) * 3 + 1
+    mask = torch.rand(batch, 1, *grid, generator=g) < 0.5
+    mask.view(-1)[0] = False  # something is masked
+    expected = ref.masked_voxel_mse(pred, target, ref.MaskPyramid(mask, block))
+    torch.testing.assert_close(masked_mse_loss(pred, target, mask, block), expected, atol=1e-12, rtol=1e-12)
