@@ -3,12 +3,15 @@
 Written from the published semantics (not from nnssl's code): the input is zeroed at masked voxels
 first; every convolution sees zeros at masked sites and its output is zeroed there again (simulated
 submanifold sparse convolution); InstanceNorm takes its per-sample, per-channel mean and biased
-variance over the visible voxels only; pooling averages the visible voxels of each window; the mask
+variance over the visible voxels only; pooling averages the visible voxels of each window (where a
+window lies inside one block, as at every resolution no coarser than a block, that is the plain
+average SparK's sparse pooling takes); the mask
 is drawn in blocks (16^3 in nnssl) that may be finer than the network's total stride (32).
 
 At a resolution no coarser than the block, every cell lies inside one block, so the mask there is the
 block mask repeated, and nnssl and sparsify agree. At coarser resolutions they differ on purpose:
-``coarse="dense"`` runs those layers without any mask (nnssl, as its code reads) and ``coarse="any"``
+``coarse="dense"`` runs every layer whose output is coarser than a block without any mask (nnssl, as
+its code reads: masked zeros enter those convolutions, norms and pools as values) and ``coarse="any"``
 makes a cell visible when any of its blocks is (sparsify's choice, which keeps the contract).
 
 The walk interprets dynamic_network_architectures' building blocks by what they compute (a stem of
@@ -80,13 +83,15 @@ def instance_norm(module: nn.Module, x: torch.Tensor, masks: MaskPyramid) -> tor
 def avg_pool(module: nn.Module, x: torch.Tensor, masks: MaskPyramid) -> torch.Tensor:
     pool = getattr(F, f"avg_pool{x.dim() - 2}d")
     kernel, stride = module.kernel_size, module.stride
+    dense = pool(x, kernel, stride)
+    mask_out = masks.at(dense.shape[2:])
+    if mask_out is None:  # nnssl: a layer whose output is coarser than a block runs dense (masked zeros count)
+        return dense
     mask_in = masks.at(x.shape[2:])
-    if mask_in is None:
-        return pool(x, kernel, stride)
     total = pool(x * mask_in, kernel, stride)
     count = pool(mask_in, kernel, stride)
     y = total / count.clamp(min=1e-12) * (count > 0)  # mean over the visible voxels of the window
-    return _masked(y, masks.at(y.shape[2:]))
+    return y * mask_out
 
 
 def _layer(module: nn.Module, x: torch.Tensor, masks: MaskPyramid) -> torch.Tensor:

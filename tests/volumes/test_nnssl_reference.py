@@ -110,3 +110,29 @@ def test_mse_loss_is_the_masked_voxel_mse(seed, batch, chans, block, grid):
     mask.view(-1)[0] = False  # something is masked
     expected = ref.masked_voxel_mse(pred, target, ref.MaskPyramid(mask, block))
     torch.testing.assert_close(masked_mse_loss(pred, target, mask, block), expected, atol=1e-12, rtol=1e-12)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), train=st.booleans())
+def test_sparsify_matches_the_reference_3d_blocks_finer_than_the_ratio(seed, train):
+    """nnssl's geometry: 16^3 mask blocks on a stride-32 ResEnc, every stage from stride 1.
+
+    Up to stride 16 sparsify and nnssl agree exactly. The stride-32 stage is coarser than a block:
+    sparsify makes a cell visible when any of its blocks is (the reference with ``coarse="any"`` agrees),
+    where nnssl runs that stage dense (and so differs there)."""
+    model = res_enc(3, [1, 2, 2, 2, 2, 2], features=(2, 4, 4, 4, 4, 4), blocks=(1, 1, 1, 1, 1, 1))
+    size = (32, 32, 64)
+    enc = sparsify.wrap(model, size, stages=[f"stages.{i}" for i in range(6)], patch_size=16)
+    assert enc.patch_size == 16 and enc.downsample_ratio == 32
+    assert enc.feature_strides == [1, 2, 4, 8, 16, 32]
+    x = torch.randn(2, 1, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    block_mask = _random_block_mask(2, ref.block_grid(size, (16,) * 3), seed, ratio=0.75)
+    _compare(enc, model, x, block_mask, (16,) * 3, train, coarse="any")
+
+    with torch.no_grad():  # nnssl's dense coarse stage is another computation, not a rounding difference
+        nnssl = ref.encoder_features(model.train(train), x, ref.MaskPyramid(block_mask, (16,) * 3, "dense"))
+        ours = enc.train(train)(x, block_mask)
+    for stride, (a, b) in enumerate(zip(nnssl, ours)):
+        if stride < 5:
+            torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+    assert (nnssl[5] - ours[5]).abs().max() > 1e-3
