@@ -50,7 +50,7 @@ def test_basic_unet_fx_trace_drops_the_skip_concatenation():
         gm(x)  # the conv after the dropped cat gets the upsampled channels only
 
 
-@pytest.mark.parametrize("spatial_dims", [2])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_wrap_refuses_basic_unet(spatial_dims):
     model = _basic_unet(spatial_dims)
     size = (32,) * spatial_dims
