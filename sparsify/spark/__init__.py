@@ -1,9 +1,10 @@
-"""SparK masked pretraining around a sparse encoder: densify, generated decoder, loss, pictures, export."""
+"""SparK masked pretraining around a sparse encoder (images, volumes, signals): densify, generated decoder,
+loss, pictures, export."""
 
 from .decoder import LightDecoder, decoder_steps
-from .densify import Densify, MaskedBatchNorm2d
+from .densify import Densify, MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedBatchNorm3d
 from .export import backbone_metadata, export_backbone, load_backbone
-from .loss import masked_patch_loss
+from .loss import masked_mse_loss, masked_patch_loss
 from .model import SparK
 from .reconstruct import save_reconstructions
 
@@ -14,8 +15,11 @@ __all__ = [
     "load_backbone",
     "backbone_metadata",
     "masked_patch_loss",
+    "masked_mse_loss",
     "LightDecoder",
     "decoder_steps",
     "Densify",
+    "MaskedBatchNorm1d",
     "MaskedBatchNorm2d",
+    "MaskedBatchNorm3d",
 ]

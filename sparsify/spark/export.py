@@ -13,8 +13,10 @@ pretrained config's, 1000 for ImageNet models; use ``num_classes=0`` for a headl
 
 A ``.safetensors`` export also describes where it came from, in the file's header metadata (strings,
 read back by :func:`backbone_metadata`): ``sparsify.model`` (the model spec, when the caller gives one),
-``sparsify.in_chans``, ``sparsify.input_size``, ``sparsify.stages`` (JSON: name, stride, channels per
-stage) and ``sparsify.version``. ``sparsify-finetune --init backbone.safetensors`` needs no ``--model``
+``sparsify.in_chans``, ``sparsify.input_size``, ``sparsify.spatial_dims`` (1, 2 or 3),
+``sparsify.downsample_ratio`` and ``sparsify.patch_size`` (the mask patch; an int, or a list per axis
+where the axes differ), ``sparsify.stages`` (JSON: name, stride, channels per stage) and
+``sparsify.version``. ``sparsify-finetune --init backbone.safetensors`` needs no ``--model``
 thanks to it. Files are written with ordinary permissions (0666 minus the umask, usually 0644).
 """
 
@@ -79,14 +81,31 @@ def _header(encoder: nn.Module, model: str | None, extra: Mapping[str, Any] | No
     size = getattr(encoder, "input_size", None)
     if size is not None:
         meta[f"{_META_PREFIX}input_size"] = json.dumps([int(v) for v in size])
+    ratio = getattr(encoder, "downsample_ratio", None)
+    if ratio is not None:
+        # the spatial rank and the mask geometry (encoders from before N-d support are 2-D, masked per
+        # downsample ratio), so a reader knows what the weights were pretrained on
+        meta[f"{_META_PREFIX}spatial_dims"] = str(int(getattr(encoder, "spatial_dims", 2)))
+        meta[f"{_META_PREFIX}downsample_ratio"] = json.dumps(_per_axis_json(ratio))
+        meta[f"{_META_PREFIX}patch_size"] = json.dumps(_per_axis_json(getattr(encoder, "patch_size", None) or ratio))
     stages = getattr(encoder, "stages", None)
     if stages:
         meta[f"{_META_PREFIX}stages"] = json.dumps(
-            [{"name": str(st.name), "stride": int(st.stride), "channels": int(st.channels)} for st in stages]
+            [
+                {"name": str(st.name), "stride": _per_axis_json(st.stride), "channels": int(st.channels)}
+                for st in stages
+            ]
         )
     for key, value in (extra or {}).items():
         meta[f"{_META_PREFIX}{key}"] = value if isinstance(value, str) else json.dumps(value)
     return meta
+
+
+def _per_axis_json(value: Any) -> int | list[int]:
+    """An int, or one int per axis as a list (JSON has no tuples)."""
+    if isinstance(value, (tuple, list)):
+        return [int(v) for v in value]
+    return int(value)
 
 
 def _ordinary_permissions(path: Path) -> None:
@@ -146,8 +165,11 @@ def backbone_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What a ``.safetensors`` export says about its architecture (empty for other files or old exports).
 
     Returns:
-        a dict with any of ``model`` (str), ``in_chans`` (int), ``input_size`` ((H, W)), ``stages``
-        (list of dicts) and ``version`` (str), plus any other ``sparsify.*`` entry as stored.
+        a dict with any of ``model`` (str), ``in_chans`` (int), ``input_size`` ((H, W), (D, H, W) or
+        (L,)), ``spatial_dims`` (int), ``downsample_ratio`` and ``patch_size`` (int, or a tuple per
+        axis), ``stages`` (list of dicts) and ``version`` (str), plus any other ``sparsify.*`` entry as
+        stored. Files exported before N-d support lack ``spatial_dims`` and ``patch_size``: they are 2-D,
+        masked per downsample ratio.
 
     Raises:
         SparsifyError: when the file is missing or not a readable safetensors file.
@@ -175,8 +197,12 @@ def backbone_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             out[name] = json.loads(value)
         except json.JSONDecodeError:
             out[name] = value
-    if isinstance(out.get("input_size"), list):
-        out["input_size"] = tuple(out["input_size"])
+    for key in ("input_size", "downsample_ratio", "patch_size"):
+        if isinstance(out.get(key), list):
+            out[key] = tuple(out[key])
+    for stage in out.get("stages") or []:
+        if isinstance(stage, dict) and isinstance(stage.get("stride"), list):
+            stage["stride"] = tuple(stage["stride"])  # per-axis strides, as the encoder reports them
     return out
 
 
