@@ -80,5 +80,11 @@ CASES: list[VolumeCase] = [
                                                kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
                                                upsample_kernel_size=[2, 2, 2], filters=[4, 8, 8, 16]),
                (32, 32, 32), {"stages": ["downsamples.0", "downsamples.1", "bottleneck"]}),
+    VolumeCase("monai_unet_encoder", _monai("UNet", spatial_dims=3, in_channels=1, out_channels=2,
+                                            channels=(4, 8, 16, 16), strides=(2, 2, 2)), (32, 32, 32),
+               {"stages": ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule.1.submodule"]}),
+    VolumeCase("monai_mednext_encoder", _monai("MedNeXt", spatial_dims=3, init_filters=4, in_channels=1,
+                                               out_channels=2), (32, 32, 32),
+               {"stages": ["enc_stages.1", "enc_stages.2", "enc_stages.3", "bottleneck"]}),
     VolumeCase("tv_mc3_18", _mc3_18, (8, 32, 32), slow=True),
 ]
