@@ -62,7 +62,7 @@ def module_is_nonneg(module: nn.Module | None) -> bool:
     return bool(found and found[1]) if module is not None else False
 
 
-def check_no_fixed_maps(view: NodeView, layout: tuple[int, int]) -> None:
+def check_no_fixed_maps(view: NodeView, layout: tuple[int, ...]) -> None:
     """Refuse a tensor without per-site values that varies along the output's spatial dims.
 
     Such a tensor (a coordinate map, a positional bias buffer, a constant image) is not computed
@@ -106,7 +106,7 @@ def nonspatial_like(view: NodeView, **changes: Any) -> Info:
     return info.but(**changes) if changes else info
 
 
-def common_layout(view: NodeView, nodes: list) -> tuple[tuple[int, int], bool]:
+def common_layout(view: NodeView, nodes: list) -> tuple[tuple[int, ...], bool]:
     """The spatial dims shared by ``nodes`` (after broadcasting) and whether all are aligned.
 
     Also refuses fixed maps with spatial extent among the node's other tensor inputs."""
@@ -118,7 +118,7 @@ def common_layout(view: NodeView, nodes: list) -> tuple[tuple[int, int], bool]:
         shape = view.shape(n)
         # Broadcasting aligns trailing dims: shift positions by the rank difference.
         shift = (len(out_shape) - len(shape)) if isinstance(out_shape, tuple) and shape else 0
-        layouts.add((info.spatial[0] + shift, info.spatial[1] + shift))
+        layouts.add(tuple(d + shift for d in info.spatial))
         aligned = aligned and info.aligned
     if len(layouts) != 1:
         raise Unsupported(f"combines feature maps with different layouts {sorted(layouts)}")

@@ -37,7 +37,8 @@ __all__ = [
 class Info:
     """What the analysis knows about one tensor value.
 
-    spatial: positions of the (H, W) dims, or None when the tensor has no per-site values (weights,
+    spatial: positions of the spatial dims ((H, W) for images, (D, H, W) for volumes, (L,) for
+        signals, in that order), or None when the tensor has no per-site values (weights,
         pooled vectors, broadcast constants).
     zero: exactly 0 at masked sites (only meaningful when spatial).
     nonneg: known >= 0 everywhere (lets max pooling skip its masked fill).
@@ -55,7 +56,7 @@ class Info:
         samples that have no active site.
     """
 
-    spatial: tuple[int, int] | None
+    spatial: tuple[int, ...] | None
     zero: bool = False
     nonneg: bool = False
     aligned: bool = True

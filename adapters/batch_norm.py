@@ -1,6 +1,7 @@
 """Masked BatchNorm: statistics over active sites only; running estimates updated from them.
 
-Covers nn.BatchNorm2d, nn.SyncBatchNorm (sums all-reduced across ranks), timm's BatchNormAct2d /
+Covers nn.BatchNorm1d/2d/3d over feature maps of any spatial rank, nn.SyncBatchNorm (sums all-reduced
+across ranks), timm's BatchNormAct2d /
 SyncBatchNormAct (its drop and activation are kept) and functional ``F.batch_norm`` on feature maps.
 """
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._kinds import module_preserves_zero, statistic_rule
-from ._registry import Decision, Info, NodeView, register_rule
+from ._registry import Decision, Info, NodeView, Unsupported, register_rule
 from ._stats import first_active, mask_count
 
 __all__ = ["masked_batch_norm", "masked_batch_norm_fn", "BATCH_NORM_FUNCTIONS"]
@@ -117,7 +118,7 @@ def _centred_sums(xs: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor
     """
     c = xs.shape[1]
     acc = torch.promote_types(xs.dtype, torch.float32)
-    if xs.device.type == "cpu" and _memory_format(xs) == torch.channels_last:
+    if xs.device.type == "cpu" and _memory_format(xs) in (torch.channels_last, torch.channels_last_3d):
         xf = xs.to(acc)
         return xf.sum(dims), xf.square().sum(dims)
     ones = torch.ones(c, dtype=acc, device=xs.device)
@@ -150,6 +151,8 @@ def _combine_ranks(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
     return torch.contiguous_format
 
 
@@ -244,9 +247,25 @@ def _zero_output(rule):
     return zero_rule
 
 
-for _cls in (nn.BatchNorm2d, nn.SyncBatchNorm, nn.LazyBatchNorm2d):
-    register_rule(_cls, _zero_output(statistic_rule(_zeroed_module)))
-register_rule(F.batch_norm, _zero_output(statistic_rule(_zeroed_fn)))
+def _channel_first(rule):
+    """``rule`` for a BatchNorm, refusing a map whose dim 1 is spatial (BatchNorm normalises dim 1)."""
+
+    def checked(view: NodeView) -> Decision:
+        info = view.info(view.arg(0, "input"))
+        if isinstance(info, Info) and info.spatial is not None and 1 in info.spatial:
+            raise Unsupported("BatchNorm over a map whose dim 1 is spatial (channels-last); BatchNorm "
+                              "normalises dim 1, which would mix sites")
+        return rule(view)
+
+    return checked
+
+
+#: The rule for BatchNorm over feature maps of every spatial rank (1-D nets use BatchNorm1d on (B, C, L)).
+FEATURE_MAP_RULE = _channel_first(_zero_output(statistic_rule(_zeroed_module)))
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+             nn.LazyBatchNorm2d, nn.LazyBatchNorm3d):
+    register_rule(_cls, FEATURE_MAP_RULE)
+register_rule(F.batch_norm, _channel_first(_zero_output(statistic_rule(_zeroed_fn))))
 
 
 def _register_timm() -> None:

@@ -1,4 +1,4 @@
-"""Convolutions (incl. transposed and timm's weight-standardised / 'same' variants).
+"""Convolutions in 1-D, 2-D and 3-D (incl. transposed and timm's weight-standardised / 'same' variants).
 
 A convolution over inputs that are exactly zero at masked sites is the dense simulation of a sparse
 convolution: absent sites contribute nothing. So convs keep their own forward; their rule only asks
@@ -26,9 +26,14 @@ def _module_rule(view: NodeView) -> Decision:
     return _mixing(view)
 
 
-for _t in (nn.Conv2d, nn.ConvTranspose2d, nn.LazyConv2d, nn.LazyConvTranspose2d):
+# Every spatial rank: the rule only asks for a zero input, which is the same in 1-D, 2-D and 3-D.
+for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+           nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d, nn.LazyConvTranspose1d, nn.LazyConvTranspose2d,
+           nn.LazyConvTranspose3d):
     register_rule(_t, _module_rule)
-for _t in (F.conv2d, F.conv_transpose2d, torch.conv2d, torch.conv_transpose2d):
+for _t in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+           torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+           torch.conv_transpose3d):
     register_rule(_t, mixing_rule(0, "input"))
 
 

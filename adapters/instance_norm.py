@@ -1,4 +1,4 @@
-"""Masked InstanceNorm: per-sample, per-channel statistics over active sites only."""
+"""Masked InstanceNorm (1-D, 2-D, 3-D): per-sample, per-channel statistics over active sites only."""
 
 from __future__ import annotations
 
@@ -46,5 +46,7 @@ def masked_instance_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor 
         module.momentum if module.momentum is not None else 0.0, module.eps)  # as nn.InstanceNorm does
 
 
-register_rule(nn.InstanceNorm2d, statistic_rule(masked_instance_norm))
+for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LazyInstanceNorm1d,
+             nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d):
+    register_rule(_cls, statistic_rule(masked_instance_norm))
 register_rule(F.instance_norm, statistic_rule(masked_instance_norm_fn))

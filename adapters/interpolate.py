@@ -29,7 +29,7 @@ def masked_interpolate(mask, input, *args, **kwargs):
 
 
 def _broadcast_from_one_site(view: NodeView) -> Decision | None:
-    """Upsampling a pooled vector from 1 x 1 (ASPP's image-pool branch) is a broadcast, in any mode.
+    """Upsampling a pooled vector from one site (1 x 1, ASPP's image-pool branch) is a broadcast, in any mode.
 
     The result is a per-site map like any other, but not zero at masked sites: the analysis masks it
     where a consumer needs it, so the pooled value reaches visible sites only.
@@ -39,11 +39,11 @@ def _broadcast_from_one_site(view: NodeView) -> Decision | None:
     if not isinstance(info, Info) or info.spatial is not None:
         return None
     shape, out = view.shape(x), view.shape()
-    if not (isinstance(shape, torch.Size) and isinstance(out, torch.Size) and len(shape) == 4 == len(out)):
+    if not (isinstance(shape, torch.Size) and isinstance(out, torch.Size) and len(shape) == len(out) > 2):
         return None
-    if tuple(shape[-2:]) != (1, 1):
+    if any(s != 1 for s in shape[2:]):
         return None
-    return Decision(out=Info(spatial=(2, 3), zero=False, nonneg=info.nonneg))
+    return Decision(out=Info(spatial=tuple(range(2, len(out))), zero=False, nonneg=info.nonneg))
 
 
 def _interp_rule(mode_of, align_corners_of, masked):
@@ -57,8 +57,9 @@ def _interp_rule(mode_of, align_corners_of, masked):
         mode = mode_of(view)
         if mode == "nearest":
             return nearest(view)
-        if mode not in ("bilinear", "area"):
-            raise Unsupported(f"{mode} interpolation (only nearest, bilinear and area are mask-aware)")
+        if mode not in ("linear", "bilinear", "trilinear", "area"):
+            raise Unsupported(f"{mode} interpolation (only nearest, linear, bilinear, trilinear and area are "
+                              "mask-aware)")
         if align_corners_of(view):
             raise Unsupported("interpolation with align_corners=True (sample positions depend on the "
                               "canvas size)")

@@ -39,8 +39,10 @@ def _pad_rule(mode_value_of):
 
 
 register_rule(F.pad, _pad_rule(lambda v: (v.arg(2, "mode", "constant"), v.arg(3, "value", None))))
-register_rule(nn.ZeroPad2d, _pad_rule(lambda v: ("constant", 0)))
-register_rule(nn.ConstantPad2d, _pad_rule(lambda v: ("constant", v.module.value)))
+for _cls in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d):
+    register_rule(_cls, _pad_rule(lambda v: ("constant", 0)))
+for _cls in (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d):
+    register_rule(_cls, _pad_rule(lambda v: ("constant", v.module.value)))
 
 
 def _register_timm() -> None:

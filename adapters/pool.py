@@ -101,7 +101,7 @@ def _whole_map_kernel(view: NodeView) -> bool:
     shape = view.shape()
     traced = isinstance(kernel, torch.fx.Node) or (
         isinstance(kernel, (tuple, list)) and any(isinstance(k, torch.fx.Node) for k in kernel))
-    return traced and isinstance(shape, torch.Size) and tuple(shape[-2:]) == (1, 1)
+    return traced and isinstance(shape, torch.Size) and len(shape) > 2 and all(s == 1 for s in shape[2:])
 
 
 def _excludes_own_padding(view: NodeView) -> bool:
@@ -119,8 +119,8 @@ def _pool_rule(masked, kind: str, adaptive: bool):
         info = view.info(x)
         if info is None or info.spatial is None:
             return passthrough_nonspatial(view)
-        if info.spatial != (2, 3):
-            raise Unsupported("pools a feature map that is not in (N, C, H, W) layout")
+        if info.spatial != tuple(range(2, len(view.shape(x)))):
+            raise Unsupported("pools a feature map that is not in (N, C, *spatial) layout")
         # max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices);
         # adaptive_max_pool2d(input, output_size, return_indices); average pools have none.
         if kind == "max" and (view.module is not None and getattr(view.module, "return_indices", False) or
@@ -146,21 +146,24 @@ def _pool_rule(masked, kind: str, adaptive: bool):
     return rule
 
 
-for _cls in (nn.MaxPool2d,):
+# The same two tricks in every spatial rank: one rule per kind, registered for the 1-D, 2-D and 3-D ops.
+for _cls in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
     register_rule(_cls, _pool_rule(masked_max_pool, "max", adaptive=False))
-for _cls in (nn.AvgPool2d,):
+for _cls in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
     register_rule(_cls, _pool_rule(masked_avg_pool, "avg", adaptive=False))
-register_rule(nn.AdaptiveMaxPool2d, _pool_rule(masked_max_pool, "max", adaptive=True))
-register_rule(nn.AdaptiveAvgPool2d, _pool_rule(masked_avg_pool, "avg", adaptive=True))
-for _fn in (F.max_pool2d, torch.max_pool2d):
+for _cls in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
+    register_rule(_cls, _pool_rule(masked_max_pool, "max", adaptive=True))
+for _cls in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
+    register_rule(_cls, _pool_rule(masked_avg_pool, "avg", adaptive=True))
+for _fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d):
     register_rule(_fn, _pool_rule(masked_max_pool_fn(_fn), "max", adaptive=False))
-register_rule(F.avg_pool2d, _pool_rule(masked_avg_pool_fn(F.avg_pool2d), "avg", adaptive=False))
-register_rule(torch._C._nn.avg_pool2d, _pool_rule(masked_avg_pool_fn(torch._C._nn.avg_pool2d), "avg",
-                                                  adaptive=False))
-register_rule(F.adaptive_max_pool2d, _pool_rule(masked_max_pool_fn(F.adaptive_max_pool2d), "max",
-                                                adaptive=True))
-register_rule(F.adaptive_avg_pool2d, _pool_rule(masked_avg_pool_fn(F.adaptive_avg_pool2d), "avg",
-                                                adaptive=True))
+for _fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d, torch._C._nn.avg_pool2d,
+            torch._C._nn.avg_pool3d):
+    register_rule(_fn, _pool_rule(masked_avg_pool_fn(_fn), "avg", adaptive=False))
+for _fn in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+    register_rule(_fn, _pool_rule(masked_max_pool_fn(_fn), "max", adaptive=True))
+for _fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+    register_rule(_fn, _pool_rule(masked_avg_pool_fn(_fn), "avg", adaptive=True))
 
 
 def _register_timm() -> None:

@@ -37,10 +37,9 @@ def _per_sample(spatial_rule: Rule | None, masked, nonneg=lambda view: False) ->
 
 
 def _register() -> None:
-    for cls in (nn.BatchNorm2d, nn.SyncBatchNorm, nn.LazyBatchNorm2d):
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+                nn.LazyBatchNorm2d, nn.LazyBatchNorm3d):
         register_rule(cls, _per_sample(registered_rule(cls), masked_batch_norm))
-    for cls in (nn.BatchNorm1d, nn.LazyBatchNorm1d):
-        register_rule(cls, _per_sample(None, masked_batch_norm))
     register_rule(F.batch_norm, _per_sample(registered_rule(F.batch_norm), masked_batch_norm_fn))
     try:
         from timm.layers import norm_act

@@ -32,7 +32,7 @@ def _permute_rule(view: NodeView) -> Decision:
         return passthrough_nonspatial(view)
     ndim = len(view.shape(x))
     perm = [d % ndim for d in _dims_arg(view)]
-    return Decision(out=info.but(spatial=(perm.index(info.spatial[0]), perm.index(info.spatial[1]))))
+    return Decision(out=info.but(spatial=tuple(perm.index(d) for d in info.spatial)))
 
 
 def _transpose_rule(view: NodeView) -> Decision:
@@ -46,8 +46,8 @@ def _transpose_rule(view: NodeView) -> Decision:
     return Decision(out=info.but(spatial=tuple(swap.get(d, d) for d in info.spatial)))
 
 
-def track_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spatial: tuple[int, int]
-                  ) -> tuple[int, int]:
+def track_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spatial: tuple[int, ...]
+                  ) -> tuple[int, ...]:
     """Where the spatial dims of ``in_shape`` land in ``out_shape``, or Unsupported if they merge.
 
     Dims are matched in groups with equal products (the only way a reshape can move data); a spatial
@@ -87,7 +87,7 @@ def track_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spatial
                     raise Unsupported("reshape merges or splits a spatial dim (e.g. flattening "
                                       "positions into tokens)")
                 result[d] = big_out[0]
-    return result[spatial[0]], result[spatial[1]]
+    return tuple(result[d] for d in spatial)
 
 
 def _reshape_rule(view: NodeView) -> Decision:
@@ -95,7 +95,7 @@ def _reshape_rule(view: NodeView) -> Decision:
     info = view.info(x)
     if info is None or info.spatial is None:
         return passthrough_nonspatial(view)
-    if 1 in (view.shape(x)[info.spatial[0]], view.shape(x)[info.spatial[1]]):
+    if any(view.shape(x)[d] == 1 for d in info.spatial):
         raise Unsupported("reshape of a feature map with a size-1 spatial dim is ambiguous at the "
                           "traced size; trace with a larger input_size")
     spatial = track_reshape(tuple(view.shape(x)), tuple(view.shape()), info.spatial)
@@ -236,7 +236,7 @@ def _getitem_rule(view: NodeView) -> Decision:
         if not isinstance(it, int):
             out_dim += 1
         in_dim += 1
-    return Decision(out=info.but(spatial=(mapping[info.spatial[0]], mapping[info.spatial[1]])))
+    return Decision(out=info.but(spatial=tuple(mapping[d] for d in info.spatial)))
 
 
 register_rule(operator.getitem, _getitem_rule)

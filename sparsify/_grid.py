@@ -10,15 +10,14 @@ masked.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ._geometry import Geometry, compact
 from .analyse import eval_mode
 from .errors import SparsifyError
-from .stages import discover_stages, node_stride
+from .stages import axis_strides, discover_stages, node_stride
 from .trace import module_path
 
 __all__ = ["check_total_stride", "unaligned_stem"]
@@ -29,7 +28,7 @@ __all__ = ["check_total_stride", "unaligned_stem"]
 _PROBE = 2**6 * 3**2 * 5 * 7
 
 
-def _fake_shapes(gm: fx.GraphModule, model: nn.Module, in_chans: int, size: tuple[int, int]) -> dict | None:
+def _fake_shapes(gm: fx.GraphModule, model: nn.Module, in_chans: int, size: tuple[int, ...]) -> dict | None:
     """Shapes at ``size`` under fake tensors only (never a real run: the probe size is huge)."""
     import logging
 
@@ -54,8 +53,9 @@ def _fake_shapes(gm: fx.GraphModule, model: nn.Module, in_chans: int, size: tupl
         fake_log.setLevel(level)
 
 
-def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size: tuple[int, int],
-                        error: SparsifyError | None, names: list[str] | None = None) -> None:
+def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size: tuple[int, ...],
+                        error: SparsifyError | None, names: list[str] | None = None, *,
+                        stride_only: bool = False) -> None:
     """Raise a SparsifyError stating the network's true total stride when ``size`` does not fit it, or
     naming the first layer whose grid never lines up with the input's (an unpadded convolution).
 
@@ -63,9 +63,11 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
     the network is measured at a probe size divisible by every usual stride, and the patch size is
     the stride of the last stage found there (the user's ``names``, or the automatic choice), else of
     the deepest map the output depends on. Returns quietly when the probe finds nothing to add (the
-    caller then raises its own error).
+    caller then raises its own error). ``stride_only``: check the size against the stride and nothing
+    else (the check that runs first, before any other message).
     """
-    probe_a, probe_b = (_PROBE, _PROBE), (2 * _PROBE, 2 * _PROBE)
+    rank = len(size)
+    probe_a, probe_b = (_PROBE,) * rank, (2 * _PROBE,) * rank
     shapes_a = _fake_shapes(gm, model, in_chans, probe_a)
     shapes_b = _fake_shapes(gm, model, in_chans, probe_b) if shapes_a is not None else None
     if shapes_a is None or shapes_b is None:
@@ -84,43 +86,46 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
             if arg not in needed:
                 needed.add(arg)
                 todo.append(arg)
-    strides = {n: node_stride(shapes_a.get(n), shapes_b.get(n), probe_a, probe_b) for n in nodes if n in needed}
+    strides = {n: axis_strides(shapes_a.get(n), shapes_b.get(n), probe_a, probe_b) for n in nodes if n in needed}
     found = [s for n, s in strides.items() if s is not None and n.op != "placeholder"]
     name = type(model).__name__
     if found:
-        ratio = max(found)
-        if size[0] % ratio or size[1] % ratio:
-            lo = tuple(max(ratio, v // ratio * ratio) for v in size)
-            hi = tuple(math.ceil(v / ratio) * ratio for v in size)
+        ratio = tuple(max(s[i] for s in found) for i in range(rank))  # the last stage's, per axis
+        geometry = Geometry(rank, ratio)
+        if not geometry.fits(size):
+            lo, hi = geometry.nearest(size)
             raise SparsifyError(
-                f"input_size {size[0]}x{size[1]} is not a multiple of {name}'s downsample ratio {ratio} (the "
-                f"stride of its last stage, which is also the mask patch size); use e.g. {lo[0]}x{lo[1]} or "
-                f"{hi[0]}x{hi[1]}")
+                f"input_size {Geometry.describe(size)} is not a multiple of {name}'s downsample ratio "
+                f"{compact(ratio)} (the stride of its last stage, which is also the mask patch size); use e.g. "
+                f"{Geometry.describe(lo)} or {Geometry.describe(hi)}")
+        return
+    if stride_only:
         return
     for n in nodes:
         shape = shapes_a.get(n)
-        if n.op == "placeholder" or not isinstance(shape, torch.Size) or len(shape) != 4:
+        if n.op == "placeholder" or not isinstance(shape, torch.Size) or len(shape) != rank + 2:
             continue
         if node_stride(shape, shapes_b.get(n), probe_a, probe_b) is None:
             where = module_path(n) or "<top level>"
             raise SparsifyError(
                 f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "
-                f"turns a {probe_a[0]}x{probe_a[1]} input into {shape[2]}x{shape[3]}, which is not the input "
+                f"turns a {Geometry.describe(probe_a)} input into {Geometry.describe(shape[2:])}, which is not "
+                "the input "
                 "divided by a whole stride (e.g. a convolution without padding), and no later feature map is. "
                 "Masked patches cannot be mapped onto such maps; pad the first layers (padding=kernel_size//2)."
                 + (f"\nDetails: {error}" if error is not None else ""))
         break
 
 
-def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
-                    size_b: tuple[int, int], outputs: list[fx.Node]) -> str:
+def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...],
+                    size_b: tuple[int, ...], outputs: list[fx.Node]) -> str:
     """Name the first feature map, on every path to the stages, whose size is not the input's divided
     by a whole stride (an unpadded first convolution): everything after it is off the patch grid."""
     nodes = list(gm.graph.nodes)
     input_node = nodes[0]
     for node in nodes[1:]:
         shape = shapes_a.get(node)
-        if not isinstance(shape, torch.Size) or len(shape) != 4:
+        if not isinstance(shape, torch.Size) or len(shape) != len(size_a) + 2:
             continue
         if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None or _is_pad(gm, node):
             continue  # a pad grows the map on purpose; the layer after it decides whether the grid holds
@@ -133,8 +138,8 @@ def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: t
         if any(out in seen for out in outputs):
             return ""
         return (f"its first layers never line up with the patch grid: node '{node.name}' in module "
-                f"'{module_path(node) or '<top level>'}' turns a {size_a[0]}x{size_a[1]} input into "
-                f"{shape[2]}x{shape[3]}, not the input divided by a whole stride (e.g. a convolution without "
+                f"'{module_path(node) or '<top level>'}' turns a {Geometry.describe(size_a)} input into "
+                f"{Geometry.describe(shape[2:])}, not the input divided by a whole stride (e.g. a convolution without "
                 "padding), and every feature map after it is shifted against the patches. Pad the first layers "
                 "(padding=kernel_size//2) so masked patches map onto the feature maps.")
     return ""
@@ -148,5 +153,5 @@ def _is_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), nn.modules.padding._ConstantPadNd
                           | nn.modules.padding._ReflectionPadNd | nn.modules.padding._ReplicationPadNd
-                          | nn.modules.padding.CircularPad2d)
+                          | nn.modules.padding._CircularPadNd)
     return False

@@ -122,32 +122,43 @@ class Analysis:
     problems: list[str] = field(default_factory=list)
 
 
-def _is_aligned(shape_a, shape_b, spatial, size_a, size_b, ratio: int) -> bool:
+def _is_aligned(shape_a, shape_b, spatial, size_a, size_b, patch: tuple[int, ...],
+                final: tuple[int, ...]) -> bool:
     """A map is patch-aligned when each spatial size is input / s (or input * k) at both sizes, with
-    s dividing the patch size, so the patch mask maps onto it by nearest-neighbour repetition."""
-    for dim, big_a, big_b in ((spatial[0], size_a[0], size_b[0]), (spatial[1], size_a[1], size_b[1])):
+    s dividing the patch size, so the patch mask maps onto it by nearest-neighbour repetition; or,
+    when the patch is finer than the final stride, s a multiple of the patch dividing the final stride
+    (a cell covers whole patches; its mask is their maximum)."""
+    for dim, p, r, big_a, big_b in zip(spatial, patch, final, size_a, size_b):
         ha, hb = shape_a[dim], shape_b[dim]
         if ha * big_b != hb * big_a:
             return False
         if big_a % ha == 0:
-            if ratio % (big_a // ha) != 0:
+            s = big_a // ha
+            if p % s != 0 and not (s % p == 0 and r % s == 0):
                 return False
         elif ha % big_a != 0:
             return False
     return True
 
 
-def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
-            size_b: tuple[int, int], ratio: int, outputs: list[fx.Node]) -> Analysis:
+def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...],
+            size_b: tuple[int, ...], ratio: int | tuple[int, ...], outputs: list[fx.Node],
+            final: int | tuple[int, ...] | None = None) -> Analysis:
     """Classify every node of ``gm`` and choose where to multiply by the mask.
+
+    ``size_a`` / ``size_b`` are the two example spatial sizes (one entry per axis), ``ratio`` the mask
+    patch (an int or one per axis) and ``final`` the final stride (default: the patch).
 
     Raises SparsifyError listing every unsupported node (with module path, op and the fix).
     """
     modules = dict(gm.named_modules())
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    rank = len(size_a)
+    patch = (ratio,) * rank if isinstance(ratio, int) else tuple(ratio)
+    final = patch if final is None else (final,) * rank if isinstance(final, int) else tuple(final)
 
     def walk(masked: set[fx.Node]):
-        infos, decisions, problems = _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio,
+        infos, decisions, problems = _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, (patch, final),
                                            input_node, masked)
         if problems:
             raise SparsifyError(_problem_report(problems, modules))
@@ -185,14 +196,14 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
     return Analysis(infos=infos, decisions=decisions, to_mask=to_mask, input_node=input_node)
 
 
-def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio, input_node, to_mask):
+def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, grid, input_node, to_mask):
     infos: dict[fx.Node, Any] = {}
     decisions: dict[fx.Node, Decision] = {}
     problems: list[tuple[fx.Node, str]] = []
     poisoned: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            infos[node] = Info(spatial=(2, 3), zero=True) if node is input_node else None
+            infos[node] = Info(spatial=tuple(range(2, 2 + len(size_a))), zero=True) if node is input_node else None
             continue
         if node.op == "output":
             continue
@@ -225,7 +236,7 @@ def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, ratio, input_node, to
             continue
         out = decision.out
         if isinstance(out, Info) and out.spatial is not None and isinstance(shape, torch.Size):
-            aligned = out.aligned and _is_aligned(shape, shapes_b[node], out.spatial, size_a, size_b, ratio)
+            aligned = out.aligned and _is_aligned(shape, shapes_b[node], out.spatial, size_a, size_b, *grid)
             zero = out.zero or node in to_mask
             out = out.but(aligned=aligned, zero=zero)
         infos[node] = out

@@ -16,6 +16,7 @@ import sparsify.adapters  # noqa: F401  (registers the built-in rules)
 from sparsify.adapters.batch_norm import BATCH_NORM_FUNCTIONS
 from sparsify.adapters.group_norm import masked_group_norm, masked_group_norm_fn
 
+from ._geometry import Geometry, compact, per_axis
 from ._grid import check_total_stride, unaligned_stem
 from ._model_link import share_modules, stage_modules
 from .analyse import analyse, eval_mode, record_shapes
@@ -30,24 +31,62 @@ from .train_branches import cut_training_branches
 __all__ = ["wrap", "SparseEncoder", "graph_node_names"]
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise SparsifyError(f"input_size must be an int or (H, W) of ints, got {size!r}")
-    if min(pair) <= 0:
-        raise SparsifyError(f"input_size must be positive, got {size!r}; pass e.g. input_size=(224, 224)")
-    return (int(pair[0]), int(pair[1]))
+_SIZE_FORMS = {1: "(L,)", 2: "(H, W)", 3: "(D, H, W)"}
+_SIZE_EXAMPLES = {1: "(512,)", 2: "(224, 224)", 3: "(16, 64, 64)"}
+
+
+def _first_conv(model: nn.Module) -> nn.Module | None:
+    """The model's first convolution of its dominant rank (most of its convolutions are Conv2d in an
+    image network, even one with a Conv1d in its ECA blocks; transposed convolutions are not counted)."""
+    convs = [m for m in model.modules()
+             if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)]
+    if not convs:
+        return None
+    ranks = [len(m.kernel_size) for m in convs]
+    dominant = max(dict.fromkeys(ranks), key=ranks.count)  # ties: the rank seen first
+    return next(m for m in convs if len(m.kernel_size) == dominant)
+
+
+def _spatial_rank(model: nn.Module, size: int | Sequence[int]) -> int:
+    """The spatial rank of the input: from ``input_size`` when it is a sequence, else from the model's
+    first convolution (Conv1d, Conv2d, Conv3d), else 2. The traced graph then runs at that rank."""
+    conv = _first_conv(model)
+    conv_rank = len(conv.kernel_size) if conv is not None else None
+    if isinstance(size, (tuple, list)):
+        rank = len(size)
+        if conv_rank is not None and rank != conv_rank and rank in _SIZE_FORMS:
+            raise SparsifyError(
+                f"{type(model).__name__} is a {conv_rank}-D network (its first convolution is "
+                f"{type(conv).__name__}) but input_size {tuple(size)} has {rank} spatial dimension"
+                f"{'s' if rank != 1 else ''}; pass input_size as {_SIZE_FORMS.get(conv_rank, 'one size per axis')}, "
+                f"e.g. {_SIZE_EXAMPLES.get(conv_rank, '')}")
+        return rank
+    return conv_rank or 2
+
+
+def _input_size(size: int | Sequence[int], rank: int) -> tuple[int, ...]:
+    """``input_size`` as one positive int per spatial axis (an int is used for every axis)."""
+    values = (size,) * rank if isinstance(size, int) and not isinstance(size, bool) else (
+        tuple(size) if isinstance(size, (tuple, list)) else None)
+    form = _SIZE_FORMS.get(rank, "a tuple")
+    if values is None or not values or len(values) > 3 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise SparsifyError(f"input_size must be an int or {form} of ints, got {size!r}")
+    if min(values) <= 0:
+        raise SparsifyError(f"input_size must be positive, got {size!r}; pass e.g. "
+                            f"input_size={_SIZE_EXAMPLES.get(rank, '(224, 224)')}")
+    return tuple(int(v) for v in values)
 
 
 def _first_conv_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    raise SparsifyError("could not infer the number of input channels (no nn.Conv2d found); "
+    conv = _first_conv(model)
+    if conv is not None:
+        return conv.in_channels
+    raise SparsifyError("could not infer the number of input channels (no convolution found); "
                         "pass in_chans=... to sparsify.wrap")
 
 
-def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, int]) -> tuple[int, dict]:
+def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...]) -> tuple[int, dict]:
     """The input channels and the example shapes at ``size``.
 
     The first convolution's input channels, unless a space-to-depth stem (pixel_unshuffle, a
@@ -174,14 +213,19 @@ class SparseEncoder(nn.Module):
     Attributes:
         stages: list of :class:`sparsify.Stage` records (node name, stride, channels, and the module
             path whose output the stage is, if any).
-        feature_channels / feature_strides: per stage, finest to coarsest.
-        downsample_ratio: the final stride R, which is also the mask patch size.
+        feature_channels / feature_strides: per stage, finest to coarsest (each stride an int when
+            every axis agrees, else one int per axis).
+        downsample_ratio: the final stride R (an int, or one per axis where they differ).
+        patch_size: the mask patch: R unless ``wrap(..., patch_size=...)`` asked for a finer one.
+        spatial_dims: 1 (signals, (B, C, L)), 2 (images) or 3 (volumes and video, (B, C, D, H, W)).
+        geometry: the :class:`sparsify._geometry.Geometry` (rank and per-axis patch) of the masks.
         in_chans: input channels. input_size: the size used for tracing.
         norm_type: "batch", "layer", "group" or None, the network's dominant normalisation.
     """
 
     def __init__(self, sparse_gm: fx.GraphModule, dense_graph: fx.Graph, stages: list[Stage],
-                 in_chans: int, input_size: tuple[int, int], norm_type: str | None, model_name: str):
+                 in_chans: int, input_size: tuple[int, ...], norm_type: str | None, model_name: str,
+                 patch: tuple[int, ...] | None = None):
         super().__init__()
         _adopt(self, sparse_gm)
         self._forward_impl: Callable[..., list[torch.Tensor]] = type(sparse_gm).forward
@@ -195,6 +239,10 @@ class SparseEncoder(nn.Module):
         self.input_size = input_size
         self.norm_type = norm_type
         self.model_name = model_name
+        rank = len(input_size)
+        final = stages[-1].stride
+        self._final = (final,) * rank if isinstance(final, int) else tuple(final)
+        self.geometry = Geometry(rank, tuple(patch) if patch is not None else self._final)
 
     @property
     def stages(self) -> list[Stage]:
@@ -227,12 +275,21 @@ class SparseEncoder(nn.Module):
         return [s.channels for s in self.stages]
 
     @property
-    def feature_strides(self) -> list[int]:
+    def feature_strides(self) -> list[int | tuple[int, ...]]:
         return [s.stride for s in self.stages]
 
     @property
-    def downsample_ratio(self) -> int:
+    def downsample_ratio(self) -> int | tuple[int, ...]:
         return self.stages[-1].stride
+
+    @property
+    def patch_size(self) -> int | tuple[int, ...]:
+        """The mask patch (an int when every axis agrees): one mask cell covers this many input sites."""
+        return self.geometry.ratio
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.geometry.rank
 
     @property
     def code(self) -> str:
@@ -243,24 +300,44 @@ class SparseEncoder(nn.Module):
     def graph(self) -> fx.Graph:
         return self._sparse_graph
 
-    def mask_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The (h, w) patch grid for an input of this size; SparsifyError if it does not fit."""
-        r = self.downsample_ratio
-        if height % r or width % r or height <= 0 or width <= 0:
+    def mask_grid(self, *size: int) -> tuple[int, ...]:
+        """The patch grid (input size // patch size, per axis) for an input of this spatial size
+        (``mask_grid(h, w)``, ``mask_grid(d, h, w)``, ``mask_grid(l)``); SparsifyError if it does not fit."""
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        rank = self.geometry.rank
+        if len(size) != rank:
+            raise SparsifyError(f"{self.model_name} is a {rank}-D encoder: its inputs have spatial size "
+                                f"{_SIZE_FORMS.get(rank, '')}, got {len(size)} sizes {tuple(size)}")
+        if self._final != self.geometry.patch:  # the network itself needs multiples of its total stride
+            final = Geometry(rank, self._final)
+            if not final.fits(size):
+                lo, hi = final.nearest(size)
+                raise SparsifyError(
+                    f"input size {Geometry.describe(size)} is not a multiple of the downsample ratio "
+                    f"{compact(self._final)} of {self.model_name}; use sizes like {Geometry.describe(lo)} or "
+                    f"{Geometry.describe(hi)}")
+        if not self.geometry.fits(size):
+            lo, hi = self.geometry.nearest(size)
+            what = "downsample ratio" if self._final == self.geometry.patch else "patch size"
             raise SparsifyError(
-                f"input size {height}x{width} is not a multiple of the downsample ratio {r} of "
-                f"{self.model_name}; use sizes like {max(r, height // r * r)}x{max(r, width // r * r)}")
-        return height // r, width // r
+                f"input size {Geometry.describe(size)} is not a multiple of the {what} {self.geometry.ratio} "
+                f"of {self.model_name}; use sizes like {Geometry.describe(lo)} or {Geometry.describe(hi)}")
+        return self.geometry.grid(size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Features finest to coarsest; ``mask`` is bool (B, 1, H // R, W // R), True = visible."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise SparsifyError(f"expected an image batch (B, C, H, W), got "
+        """Features finest to coarsest; ``mask`` is bool (B, 1, *grid), grid = spatial size // patch
+        size per axis ((B, 1, H // R, W // R) for images), True = visible."""
+        rank = self.geometry.rank
+        if not isinstance(x, torch.Tensor) or x.dim() != rank + 2:
+            kind = {1: "a signal batch (B, C, L)", 2: "an image batch (B, C, H, W)",
+                    3: "a volume batch (B, C, D, H, W)"}.get(rank, f"a batch with {rank} spatial dims")
+            raise SparsifyError(f"expected {kind}, got "
                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[1] != self.in_chans:
             raise SparsifyError(f"expected {self.in_chans} input channels, got {x.shape[1]}; wrap a model "
                                 f"built for {x.shape[1]} channels (e.g. timm's in_chans=...)")
-        grid = self.mask_grid(x.shape[2], x.shape[3])
+        grid = self.mask_grid(*x.shape[2:])
         if mask is not None:
             check_mask(mask, x.shape[0], grid, x.device)
         return self._forward_impl(self._root, x, mask)
@@ -273,7 +350,8 @@ class SparseEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         pyramid = ", ".join(f"{s.module or s.name}@{s.stride}:{s.channels}" for s in self.stages)
-        return f"model={self.model_name}, R={self.downsample_ratio}, stages=[{pyramid}]"
+        patch = "" if self._final == self.geometry.patch else f", patch={self.patch_size}"
+        return f"model={self.model_name}, R={self.downsample_ratio}{patch}, stages=[{pyramid}]"
 
 
 class _DenseEncoder(nn.Module):
@@ -353,7 +431,7 @@ def _adopt(owner: nn.Module, gm: fx.GraphModule) -> None:
     object.__setattr__(owner, "_root", root)
 
 
-def _example(model: nn.Module, in_chans: int, size: tuple[int, int]) -> torch.Tensor:
+def _example(model: nn.Module, in_chans: int, size: tuple[int, ...]) -> torch.Tensor:
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
@@ -361,17 +439,64 @@ def _example(model: nn.Module, in_chans: int, size: tuple[int, int]) -> torch.Te
     return torch.randn(2, in_chans, *size, generator=gen).to(device=device, dtype=dtype)
 
 
-def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages: str | Sequence[str] = "auto",
+def _example_sizes(model: nn.Module, input_size: int | Sequence[int] | None
+                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The two example sizes: ``input_size`` per axis and twice it (224 x 224 for an image network
+    when not given; volumes and signals have no usual size, so theirs must be given)."""
+    if input_size is None:
+        rank = _spatial_rank(model, 224)
+        if rank != 2:
+            raise SparsifyError(f"{type(model).__name__} is a {rank}-D network: pass input_size as "
+                                f"{_SIZE_FORMS.get(rank, 'one size per axis')}, e.g. {_SIZE_EXAMPLES.get(rank, '')}")
+        input_size = (224, 224)
+    size_a = _input_size(input_size, _spatial_rank(model, input_size))
+    return size_a, tuple(2 * s for s in size_a)
+
+
+def _rounded_maps(shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...], size_b: tuple[int, ...]) -> bool:
+    """Whether some feature map's size is only roughly the input's over a stride (the input size does
+    not divide the network's total stride): then the size, not the layers, is what to report."""
+    from .stages import _rough_stride, axis_strides
+
+    return any(axis_strides(shape, shapes_b.get(n), size_a, size_b) is None
+               and _rough_stride(shape, shapes_b.get(n), size_b) is not None
+               for n, shape in shapes_a.items())
+
+
+def _checked_patch(patch_size: int | Sequence[int] | None, final: tuple[int, ...], stages: list[Stage],
+                   name: str) -> tuple[int, ...]:
+    """The mask patch per axis: the final stride, or a finer ``patch_size`` that divides it (and that
+    every stage's stride divides or is a multiple of, so each map's cells cover whole patches)."""
+    if patch_size is None:
+        return final
+    patch = per_axis(patch_size, len(final), "patch_size")
+    if any(r % p for p, r in zip(patch, final)):
+        raise SparsifyError(f"patch_size {compact(patch)} must divide {name}'s downsample ratio {compact(final)} "
+                            f"on every axis (a patch finer than the coarsest stage, e.g. "
+                            f"{compact(tuple(r // 2 if r % 2 == 0 else r for r in final))})")
+    for stage in stages:
+        stride = (stage.stride,) * len(final) if isinstance(stage.stride, int) else stage.stride
+        if any(p % s and s % p for p, s in zip(patch, stride)):
+            raise SparsifyError(f"stage '{stage.module or stage.name}' at stride {stage.stride} does not line up "
+                                f"with patch_size {compact(patch)}: on every axis a stage's stride must divide "
+                                "the patch or be a multiple of it")
+    return patch
+
+
+def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages: str | Sequence[str] = "auto",
          *, in_chans: int | None = None, leaf_modules: Iterable[type] = (),
          autowrap_functions: Iterable[Callable] = (), tracer_kwargs: dict[str, Any] | None = None,
-         concrete_args: dict[str, Any] | None = None) -> SparseEncoder:
-    """Turn an unmodified CNN into a mask-aware sparse encoder.
+         concrete_args: dict[str, Any] | None = None, patch_size: int | Sequence[int] | None = None
+         ) -> SparseEncoder:
+    """Turn an unmodified CNN (1-D, 2-D or 3-D) into a mask-aware sparse encoder.
 
     Args:
         model: any torch.fx-traceable network (timm, torchvision or your own). It is not modified;
             the encoder shares its modules and parameters.
-        input_size: example (H, W) used for tracing and stage discovery only; at run time any H, W
-            that are multiples of the downsample ratio work.
+        input_size: example spatial size used for tracing and stage discovery only: (H, W) for
+            images (default 224 x 224), (D, H, W) for volumes and video, (L,) for signals; an int
+            means that size on every axis of the model's rank (read from its convolutions). At run
+            time any size that is a multiple of the downsample ratio on every axis works.
         stages: "auto" (the end of each stage, one per stride from 4 up; for a model returning a
             list/tuple/dict of maps, those maps) or the stages to return, finest to coarsest, each a
             graph node name or a module name (that module's output; see :func:`graph_node_names`).
@@ -385,6 +510,9 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
         concrete_args: values for ``forward`` arguments after the image, e.g.
             ``{"return_features": False}``; arguments with defaults are traced at their defaults.
             Either way they are fixed in the encoder.
+        patch_size: a mask patch finer than the downsample ratio (an int or one per axis dividing
+            it), as nnssl's SparK3D masks 16^3 blocks on a stride-32 network. At maps coarser than
+            the patch a cell is active when any of its patches is visible. Default: the ratio.
 
     Raises:
         SparsifyError: untraceable model, unsupported operations (all listed), bad sizes or stages.
@@ -395,8 +523,7 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
                                                                         SparseEncoder):
         raise SparsifyError(f"{type(model).__name__} is already made by sparsify.wrap; wrap the original model "
                             "(the encoder shares its weights), or use the encoder as it is")
-    size_a = _pair(input_size)
-    size_b = (size_a[0] * 2, size_a[1] * 2)
+    size_a, size_b = _example_sizes(model, input_size)
     gm = _trace_checked(model, tuple(leaf_modules), tuple(autowrap_functions), tracer_kwargs, concrete_args)
     if in_chans:
         shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
@@ -406,22 +533,28 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
         shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
     except SparsifyError as error:
         raise SparsifyError(
-            f"{type(model).__name__} does not run at a second input size {size_b[0]}x{size_b[1]} (sparsify "
+            f"{type(model).__name__} does not run at a second input size {Geometry.describe(size_b)} (sparsify "
             "runs two sizes to tell feature maps from fixed-size tensors)." + _attention_report(gm)
             + f"\nDetails: {error}") from error
     names = None if stages == "auto" else list(stages)
     if isinstance(stages, str) and stages != "auto":
         raise SparsifyError(f"stages must be 'auto' or a list of node or module names, got {stages!r}")
+    if _rounded_maps(shapes_a, shapes_b, size_a, size_b):
+        # The size does not divide the network's total stride: say so first, before any message
+        # about layers that only follows from the rounded sizes.
+        check_total_stride(model, gm, in_chans, size_a, None, names, stride_only=True)
     try:
         chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
     except SparsifyError as error:
         check_total_stride(model, gm, in_chans, size_a, error, names)
         raise
     ratio = chosen[-1][1].stride
-    if size_a[0] % ratio or size_a[1] % ratio:
+    final = (ratio,) * len(size_a) if isinstance(ratio, int) else tuple(ratio)
+    if not Geometry(len(size_a), final).fits(size_a):
         check_total_stride(model, gm, in_chans, size_a, None, names)
         raise SparsifyError(f"input_size {size_a} is not a multiple of the network's downsample ratio "
                             f"{ratio}; pass input_size as a multiple of {ratio}")
+    patch = _checked_patch(patch_size, final, [s for _, s in chosen], type(model).__name__)
 
     # Analyse and rewrite only what the stages need: the head is cut away first.
     cut = fx.GraphModule(gm, build_dense_graph(gm, [n for n, _ in chosen]), type(model).__name__)
@@ -431,7 +564,7 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     cut_shapes_a = {n: shapes_a.get(by_name.get(n.name)) for n in cut.graph.nodes}
     cut_shapes_b = {n: shapes_b.get(by_name.get(n.name)) for n in cut.graph.nodes}
     try:
-        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, ratio, cut_outputs)
+        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, patch, cut_outputs, final)
     except SparsifyError as error:
         stem = unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
         if stem:
@@ -442,24 +575,24 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] = (224, 224), stages:
     share_modules(sparse_gm, model)
     dense_graph = build_dense_graph(cut, cut_outputs)
     enc = SparseEncoder(sparse_gm, dense_graph, [s for _, s in chosen], in_chans, size_a,
-                        _norm_type(sparse_gm), type(model).__name__)
+                        _norm_type(sparse_gm), type(model).__name__, patch)
     enc._stage_modules = stage_modules(gm, [n for n, _ in chosen])
     enc._forward_kwargs = dict(gm.meta.get("concrete_args", {}))
     object.__setattr__(enc, "_source_model", model)
     return enc
 
 
-def graph_node_names(model: nn.Module, input_size: int | Sequence[int] = (224, 224), *,
+def graph_node_names(model: nn.Module, input_size: int | Sequence[int] | None = None, *,
                      in_chans: int | None = None, leaf_modules: Iterable[type] = ()) -> list[GraphNode]:
     """Every node of the traced model: candidates for ``stages=[...]``.
 
     Each row is a :class:`sparsify.stages.GraphNode` ``(name, stride, shape, module, stage)``: the node
-    name, its stride (None unless an (N, C, H, W) map scaling with the input), its shape at
+    name, its stride (None unless an (N, C, *spatial) map scaling with the input; an int when every
+    axis agrees, else one per axis), its shape at
     ``input_size``, the module it belongs to, and ``stage``: its index in the pyramid that
     ``stages="auto"`` chooses (None for every other node).
     """
-    size_a = _pair(input_size)
-    size_b = (size_a[0] * 2, size_a[1] * 2)
+    size_a, size_b = _example_sizes(model, input_size)
     gm = trace(model, tuple(leaf_modules))
     if in_chans:
         shapes_a = record_shapes(gm, _example(model, in_chans, size_a))

@@ -19,24 +19,44 @@ from .analyse import Analysis
 __all__ = ["build_sparse_graph", "build_dense_graph", "mask_like", "sample_mask_like", "apply_mask"]
 
 
-def mask_like(mask: torch.Tensor | None, ref: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor | None:
+_MAX_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _resize(m: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """The (B, 1, *grid) 0/1 mask at ``sizes``: each patch repeated on finer maps (nearest neighbour);
+    on a map coarser than the patch (a patch finer than the downsample ratio) a cell is active when
+    any of its patches is visible (max pooling), so a cell is absent only where all it covers is."""
+    grid = tuple(m.shape[2:])
+    kernel = tuple(g // s if s < g else 1 for g, s in zip(grid, sizes))
+    if any(k > 1 for k in kernel):
+        m = _MAX_POOLS[len(grid)](m, kernel)
+    if tuple(m.shape[2:]) != tuple(sizes):
+        m = F.interpolate(m, size=tuple(sizes), mode="nearest")
+    return m
+
+
+def mask_like(mask: torch.Tensor | None, ref: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor | None:
     """The patch mask at ``ref``'s resolution and layout, as 0/1 floats (None stays None).
 
-    ``mask`` is (B, 1, h, w); the result has ``ref``'s rank, with the spatial sizes at ``spatial``
-    and 1 everywhere else but the batch dim, so it broadcasts against ``ref``.
+    ``mask`` is (B, 1, *grid); the result has ``ref``'s rank, with the spatial sizes at ``spatial``
+    (the positions of the spatial axes, in grid order) and 1 everywhere else but the batch dim, so it
+    broadcasts against ``ref``.
     """
     if mask is None:
         return None
-    h, w = ref.shape[spatial[0]], ref.shape[spatial[1]]
+    sizes = tuple(ref.shape[d] for d in spatial)
     m = mask.to(torch.float32)
-    if m.shape[-2] != h or m.shape[-1] != w:
-        m = F.interpolate(m, size=(h, w), mode="nearest")
-    if spatial == (2, 3) and ref.dim() == 4:
+    if tuple(m.shape[2:]) != sizes:
+        m = _resize(m, sizes)
+    if spatial == tuple(range(2, 2 + len(spatial))) and ref.dim() == 2 + len(spatial):
         return m
-    if spatial[0] > spatial[1]:
-        m = m.transpose(-1, -2)
+    order = sorted(range(len(spatial)), key=lambda i: spatial[i])  # grid axes in ref's dim order
+    if order != list(range(len(spatial))):
+        m = m.permute(0, 1, *(2 + i for i in order))
     shape = [1] * ref.dim()
-    shape[0], shape[spatial[0]], shape[spatial[1]] = m.shape[0], h, w
+    shape[0] = m.shape[0]
+    for d, size in zip(spatial, sizes):
+        shape[d] = size
     return m.reshape(shape)
 
 

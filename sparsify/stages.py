@@ -24,6 +24,7 @@ also name the stages: graph node names, or module names (a module's output).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._calls import Call, CallTree
+from ._geometry import Geometry, compact
 from .errors import SparsifyError
 
 __all__ = ["GraphNode", "Stage", "describe_nodes", "discover_stages", "node_stride"]
@@ -46,43 +48,62 @@ class Stage:
 
     Attributes:
         name: the graph node whose output this stage returns.
-        stride: input size / map size.
+        stride: input size / map size: an int when every axis agrees, else one int per axis (a video
+            stem's (1, 2, 2)).
         channels: channels of the map.
         module: path (as in ``named_modules()``) of the module call this stage is the output of,
             or None when the stage is an op written directly in a forward (e.g. a residual add).
     """
 
     name: str
-    stride: int
+    stride: int | tuple[int, ...]
     channels: int
     module: str | None = None
 
 
-def node_stride(shape_a: Any, shape_b: Any, size_a: tuple[int, int], size_b: tuple[int, int]) -> int | None:
-    """The stride of an (N, C, H, W) map whose size scales exactly with the input, else None."""
-    if not isinstance(shape_a, torch.Size) or len(shape_a) != 4 or not isinstance(shape_b, torch.Size):
+def axis_strides(shape_a: Any, shape_b: Any, size_a: tuple[int, ...], size_b: tuple[int, ...]
+                 ) -> tuple[int, ...] | None:
+    """The per-axis stride of an (N, C, *spatial) map whose size scales exactly with the input (one
+    spatial dim per input axis), else None."""
+    rank = len(size_a)
+    if not isinstance(shape_a, torch.Size) or len(shape_a) != rank + 2 or not isinstance(shape_b, torch.Size):
         return None
-    if shape_a[1] != shape_b[1] or shape_a[0] != shape_b[0]:
+    if len(shape_b) != rank + 2 or shape_a[1] != shape_b[1] or shape_a[0] != shape_b[0]:
         return None
-    strides = set()
-    for dim, big_a, big_b in ((2, size_a[0], size_b[0]), (3, size_a[1], size_b[1])):
+    strides = []
+    for dim, big_a, big_b in zip(range(2, rank + 2), size_a, size_b):
         small_a, small_b = shape_a[dim], shape_b[dim]
         if small_a == 0 or big_a % small_a or big_b % small_b or big_a // small_a != big_b // small_b:
             return None
-        strides.add(big_a // small_a)
-    return strides.pop() if len(strides) == 1 else None
+        strides.append(big_a // small_a)
+    return tuple(strides)
 
 
-def _rough_stride(shape_a: Any, shape_b: Any, size_b: tuple[int, int]) -> int | None:
-    """Stride of a map whose size is only roughly input / stride (rounded: the input did not divide)."""
-    if not isinstance(shape_a, torch.Size) or len(shape_a) != 4 or not isinstance(shape_b, torch.Size):
+def node_stride(shape_a: Any, shape_b: Any, size_a: tuple[int, ...], size_b: tuple[int, ...]
+                ) -> int | tuple[int, ...] | None:
+    """The stride of an (N, C, *spatial) map whose size scales exactly with the input, else None: an
+    int when every axis agrees, else one int per axis."""
+    strides = axis_strides(shape_a, shape_b, size_a, size_b)
+    return compact(strides) if strides is not None else None
+
+
+def stride_order(stride: tuple[int, ...]) -> tuple:
+    """Sort key of per-axis strides, finest first (the downsampling of a network grows every axis)."""
+    return (math.prod(stride), stride)
+
+
+def _rough_stride(shape_a: Any, shape_b: Any, size_b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Per-axis stride of a map whose size is only roughly input / stride (rounded: the input did not
+    divide)."""
+    rank = len(size_b)
+    if not isinstance(shape_a, torch.Size) or len(shape_a) != rank + 2 or not isinstance(shape_b, torch.Size):
         return None
-    if shape_a[:2] != shape_b[:2] or 0 in shape_a[2:]:
+    if len(shape_b) != rank + 2 or shape_a[:2] != shape_b[:2] or 0 in shape_a[2:]:
         return None
-    if any(abs(shape_b[d] - 2 * shape_a[d]) > 1 or shape_b[d] <= shape_a[d] for d in (2, 3)):
+    dims = range(2, rank + 2)
+    if any(abs(shape_b[d] - 2 * shape_a[d]) > 1 or shape_b[d] <= shape_a[d] for d in dims):
         return None
-    rough = {round(size_b[0] / shape_b[2]), round(size_b[1] / shape_b[3])}
-    return rough.pop() if len(rough) == 1 else None
+    return tuple(round(size_b[d - 2] / shape_b[d]) for d in dims)
 
 
 def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node) -> bool:
@@ -126,7 +147,7 @@ def _is_norm_tail(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 _MEANS = {torch.mean, torch.var, torch.std, torch.var_mean, F.layer_norm}
 
 
-def _before_norm_tail(g: _Graph, node: fx.Node, stride: int) -> fx.Node | None:
+def _before_norm_tail(g: _Graph, node: fx.Node, stride: tuple[int, ...]) -> fx.Node | None:
     """The map at ``stride`` that ``node`` is a trailing LayerNorm / permute / Identity chain of, or None."""
     back = node
     while _is_norm_tail(back, g.modules) and back.all_input_nodes:
@@ -154,14 +175,15 @@ def _is_norm_call(call: Call, g: _Graph) -> bool:
             if isinstance(value, torch.Tensor) and value.dim() > 1:
                 return False
         elif n.op == "call_function":
-            if n.target in (F.conv2d, F.linear, torch.conv2d, torch.matmul):
+            if n.target in (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d,
+                            torch.matmul):
                 return False
             normalises |= n.target in _MEANS
         elif n.op == "call_method":
             normalises |= n.target in ("mean", "var", "std")
     inside = set(call.nodes)
     inputs = {a for n in call.nodes for a in n.all_input_nodes if a not in inside}
-    maps = [a for a in inputs if isinstance(g.shapes_a.get(a), torch.Size) and len(g.shapes_a[a]) == 4]
+    maps = [a for a in inputs if isinstance(g.shapes_a.get(a), torch.Size) and len(g.shapes_a[a]) == g.rank + 2]
     return normalises and len(maps) == 1 and g.shapes_a.get(call.output) == g.shapes_a[maps[0]]
 
 
@@ -175,15 +197,17 @@ def _attr(root: nn.Module, target: str) -> object:
 class _Graph:
     """What stage discovery needs to know about a traced graph."""
 
-    def __init__(self, gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
-                 size_b: tuple[int, int]):
+    def __init__(self, gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...],
+                 size_b: tuple[int, ...]):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.input = next(n for n in self.nodes if n.op == "placeholder")
         self.output = next(n for n in self.nodes if n.op == "output")
         self.shapes_a, self.shapes_b, self.size_a, self.size_b = shapes_a, shapes_b, size_a, size_b
-        self.strides = {n: node_stride(shapes_a.get(n), shapes_b.get(n), size_a, size_b) for n in self.nodes}
+        self.rank = len(size_a)
+        # per-axis strides (tuples) inside discovery; the public records hold the compact form
+        self.strides = {n: axis_strides(shapes_a.get(n), shapes_b.get(n), size_a, size_b) for n in self.nodes}
         self.calls = CallTree(gm)
         self.modules = dict(gm.named_modules())
         self._articulation: dict[fx.Node, bool] = {}
@@ -195,7 +219,7 @@ class _Graph:
         return self._articulation[node]
 
     def stage(self, node: fx.Node) -> Stage:
-        return Stage(node.name, self.strides[node], self.shapes_a[node][1], self.module_of(node))
+        return Stage(node.name, compact(self.strides[node]), self.shapes_a[node][1], self.module_of(node))
 
     def module_of(self, node: fx.Node) -> str | None:
         """The outermost module call returning ``node`` that spans at most two strides (one stage)."""
@@ -205,21 +229,22 @@ class _Graph:
                 return call.path
         return None
 
-    def check_sizes(self, used: set[fx.Node], final: int) -> None:
+    def check_sizes(self, used: set[fx.Node], final: tuple[int, ...]) -> None:
         """Refuse an input size the network's deepest maps do not divide (their sizes got rounded)."""
         rough = [_rough_stride(self.shapes_a.get(n), self.shapes_b.get(n), self.size_b) for n in self.nodes
                  if n in used]
-        rough = [r for r in rough if r is not None and r > final]
+        rough = [r for r in rough if r is not None and any(a > b for a, b in zip(r, final))]
         if rough:
-            ratio = max(rough)
+            ratio = tuple(max(r[i] for r in rough) for i in range(self.rank))
+            shown = compact(ratio)
             raise SparsifyError(
-                f"input_size {self.size_a[0]}x{self.size_a[1]} is not a multiple of the network's downsample "
-                f"ratio {ratio} (its deepest feature maps get rounded sizes); pass input_size as a multiple of "
-                f"{ratio}")
+                f"input_size {Geometry.describe(self.size_a)} is not a multiple of the network's downsample "
+                f"ratio {shown} (its deepest feature maps get rounded sizes); pass input_size as a multiple of "
+                f"{shown}")
 
 
-def discover_stages(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
-                    size_b: tuple[int, int], names: list[str] | None = None) -> list[tuple[fx.Node, Stage]]:
+def discover_stages(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...],
+                    size_b: tuple[int, ...], names: list[str] | None = None) -> list[tuple[fx.Node, Stage]]:
     """Pick the stage nodes, finest to coarsest. ``names`` (node or module names) overrides the choice."""
     g = _Graph(gm, shapes_a, shapes_b, size_a, size_b)
     if names is not None:
@@ -241,13 +266,17 @@ def _named_stages(g: _Graph, names: list[str]) -> list[tuple[fx.Node, Stage]]:
         if g.strides[node] is None:
             shape = g.shapes_a.get(node)
             shape = tuple(shape) if isinstance(shape, torch.Size) else shape
-            raise SparsifyError(f"stage '{name}' is not an (N, C, H, W) feature map whose size is the "
+            layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}.get(g.rank, "(N, C, *spatial)")
+            raise SparsifyError(f"stage '{name}' is not an {layout} feature map whose size is the "
                                 f"input size divided by a whole stride (shape {shape})")
         stage = g.stage(node)
         if module is not None:
             stage = Stage(stage.name, stage.stride, stage.channels, module)
         result.append((node, stage))
-    if any(b[1].stride <= a[1].stride for a, b in zip(result, result[1:])):
+    def coarser(a: tuple[int, ...], b: tuple[int, ...]) -> bool:  # b downsamples a (no axis finer)
+        return a != b and all(x <= y for x, y in zip(a, b))
+
+    if any(not coarser(g.strides[a[0]], g.strides[b[0]]) for a, b in zip(result, result[1:])):
         raise SparsifyError("stages must be given finest to coarsest with strictly increasing strides, "
                             f"got {[(s.name, s.stride) for _, s in result]}")
     return result
@@ -294,17 +323,17 @@ def _returned_maps(g: _Graph) -> list[tuple[fx.Node, Stage]] | None:
         if isinstance(leaf, fx.Node) and g.strides.get(leaf) is not None and leaf not in maps:
             maps.append(leaf)
     if not maps:
-        raise SparsifyError("the model returns a list/tuple/dict, but none of its entries is an (N, C, H, W) "
+        raise SparsifyError("the model returns a list/tuple/dict, but none of its entries is an (N, C, *spatial) "
                             "feature map whose size is the input size divided by a whole stride; check "
                             "input_size or pass stages=[node or module names]")
-    final = max(g.strides[n] for n in maps)
+    final = max((g.strides[n] for n in maps), key=stride_order)
     g.check_sizes(_ancestors(g.output), final)
-    floor = min(_MIN_STRIDE, final)
-    last_at: dict[int, fx.Node] = {}
+    floor = min(_MIN_STRIDE, max(final))
+    last_at: dict[tuple[int, ...], fx.Node] = {}
     for node in maps:  # a stride returned twice: the later entry (deeper in the network) wins
-        if g.strides[node] >= floor:
+        if max(g.strides[node]) >= floor:
             last_at[g.strides[node]] = node
-    return [(last_at[s], g.stage(last_at[s])) for s in sorted(last_at)]
+    return [(last_at[s], g.stage(last_at[s])) for s in sorted(last_at, key=stride_order)]
 
 
 def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
@@ -313,9 +342,11 @@ def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
     if not candidates:
         raise SparsifyError("no feature map whose size scales with the input was found; check input_size "
                             "(it must be a multiple of the network's total stride) or pass stages=[...]")
-    final = max(g.strides[n] for n in candidates)
+    final = max((g.strides[n] for n in candidates), key=stride_order)
     g.check_sizes(needed, final)
-    wanted = sorted({g.strides[n] for n in candidates if g.strides[n] >= min(_MIN_STRIDE, final)})
+    # From stride 4 up on the most downsampled axis (a video stem's (1, 2, 2) is no stage).
+    wanted = sorted({g.strides[n] for n in candidates if max(g.strides[n]) >= min(_MIN_STRIDE, max(final))},
+                    key=stride_order)
     first_at = {s: next(n for n in candidates if g.strides[n] == s) for s in wanted}
     level = _stage_level(g, [first_at[s] for s in wanted])
     result: list[tuple[fx.Node, Stage]] = []
@@ -326,8 +357,8 @@ def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
             found = _last_node_at(g, candidates, stride)
         if found is not None:
             result.append((found, g.stage(found)))
-    if not result or result[-1][1].stride != final:
-        raise SparsifyError(f"could not find a single feature map at the final stride {final} that the "
+    if not result or g.strides[result[-1][0]] != final:
+        raise SparsifyError(f"could not find a single feature map at the final stride {compact(final)} that the "
                             "output depends on; pass stages=[node or module names] (see "
                             "sparsify.graph_node_names)")
     return result
@@ -351,7 +382,8 @@ def _stage_level(g: _Graph, transitions: list[fx.Node]) -> tuple[str, ...]:
     return tuple(level)
 
 
-def _stage_end(g: _Graph, level: tuple[str, ...], stride: int, limit: int, needed: set[fx.Node]) -> fx.Node | None:
+def _stage_end(g: _Graph, level: tuple[str, ...], stride: tuple[int, ...], limit: int, needed: set[fx.Node]
+               ) -> fx.Node | None:
     """The last step at ``level`` (or, failing that, further out) that ends a stage at ``stride``."""
     while True:
         steps = [(call, out) for call, out in g.calls.items(level, g.nodes)
@@ -368,7 +400,7 @@ def _stage_end(g: _Graph, level: tuple[str, ...], stride: int, limit: int, neede
         level = level[:-1]
 
 
-def _last_node_at(g: _Graph, candidates: list[fx.Node], stride: int) -> fx.Node | None:
+def _last_node_at(g: _Graph, candidates: list[fx.Node], stride: tuple[int, ...]) -> fx.Node | None:
     """The fallback: the last node at ``stride`` that the output depends on, before a trailing LayerNorm."""
     at_stride = [n for n in candidates if g.strides[n] == stride]
     found = next((n for n in reversed(at_stride) if g.everything_depends_on(n)), None)
@@ -381,8 +413,9 @@ class GraphNode(NamedTuple):
 
     name: str
     """graph node name (what ``stages=[...]`` accepts, besides module names)"""
-    stride: int | None
-    """input size / map size for an (N, C, H, W) map that scales with the input, else None"""
+    stride: int | tuple[int, ...] | None
+    """input size / map size for an (N, C, *spatial) map that scales with the input (an int when every
+    axis agrees, else one per axis), else None"""
     shape: tuple[int, ...] | None
     """output shape at the example input size"""
     module: str | None
@@ -391,8 +424,8 @@ class GraphNode(NamedTuple):
     """index in the pyramid ``stages="auto"`` would choose (0 = finest), or None"""
 
 
-def describe_nodes(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, int],
-                   size_b: tuple[int, int]) -> list[GraphNode]:
+def describe_nodes(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...],
+                   size_b: tuple[int, ...]) -> list[GraphNode]:
     """Every node of ``gm`` with its stride, shape, module and, for the automatic stage ends, its index.
 
     When automatic discovery fails (a hybrid model, no map at the final stride), no node is marked.

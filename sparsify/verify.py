@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .errors import SparsifyError
 from .testing._contract import run_contract_checks
+from .testing._geometry import ratio_of
 from .testing._results import ATOL, DENSE_ATOL, DENSE_RTOL, RTOL, CheckResult, format_results
 from .testing._sharing import check_shares_parameters
 
@@ -42,7 +43,7 @@ class VerifyReport:
     """
 
     results: list[CheckResult] = field(default_factory=list)
-    sizes: list[tuple[int, int]] = field(default_factory=list)
+    sizes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -58,21 +59,25 @@ class VerifyReport:
         return out
 
     def __str__(self) -> str:
-        sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
+        sizes = ", ".join("x".join(str(s) for s in size) for size in self.sizes)
         return format_results(self.results, f"sparsify.verify at input sizes {sizes}:")
 
 
-def _variant(size: tuple[int, int], r: int) -> tuple[int, int]:
-    """A non-square companion of ``size`` (a multiple of R on both sides)."""
-    h, w = size
-    return (h, w + r) if h == w else (w, h)
+def _variant(size: tuple[int, ...], r: tuple[int, ...]) -> tuple[int, ...]:
+    """A non-square companion of ``size`` (a multiple of R on every axis): an image's sides swapped
+    (one more patch column when square); in other ranks, or with per-axis strides, one more block of
+    R on the last axis."""
+    if len(size) == 2 and r[0] == r[1]:
+        h, w = size
+        return (h, w + r[1]) if h == w else (w, h)
+    return (*size[:-1], size[-1] + r[-1])
 
 
 def verify(
     enc: nn.Module,
     *,
     batch: int = 2,
-    input_size: tuple[int, int] | None = None,
+    input_size: tuple[int, ...] | None = None,
     ratio: float = 0.6,
     seed: int = 0,
     model: nn.Module | None = None,
@@ -87,8 +92,9 @@ def verify(
     Args:
         enc: an encoder returned by :func:`sparsify.wrap`.
         batch: samples per random batch.
-        input_size: ``(H, W)``, multiples of R; defaults to the size the encoder was traced with.
-            A non-square variant (one more patch column, or H and W swapped) is checked as well.
+        input_size: ``(H, W)`` (``(D, H, W)`` for volumes, ``(L,)`` for signals), multiples of R;
+            defaults to the size the encoder was traced with. A variant (one more patch column, or H
+            and W swapped; one more patch on the last axis in other ranks) is checked as well.
         ratio: fraction of patches masked.
         seed: seed of the random inputs, masks and garbage fills.
         model: the wrapped model (default: the one ``sparsify.wrap`` made the encoder from): the
@@ -103,17 +109,20 @@ def verify(
         SparsifyError: if any check fails; the message lists every check, its mode, input size and
             max error, and where the worst error occurred.
     """
-    r = int(enc.downsample_ratio)
+    rank = int(getattr(enc, "spatial_dims", 2))
+    r = ratio_of(enc, rank)
     if input_size is None:
         input_size = getattr(enc, "input_size", None)
     if input_size is None:
-        input_size = (2 * r, 2 * r)
+        input_size = tuple(2 * k for k in r)
     if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    input_size = (int(input_size[0]), int(input_size[1]))
-    if input_size[0] % r or input_size[1] % r:
+        input_size = (input_size,) * rank
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) != rank or any(s % k for s, k in zip(input_size, r)):
+        shown = r[0] if len(set(r)) == 1 else r
         raise SparsifyError(
-            f"verify: input_size {input_size} must be a multiple of the downsample ratio {r} on both sides"
+            f"verify: input_size {input_size} must be a multiple of the downsample ratio {shown} on "
+            + ("both sides" if rank == 2 else f"each of the {rank} spatial axes")
         )
     sizes = [input_size, _variant(input_size, r)]
     device = next((p.device for p in enc.parameters()), torch.device("cpu"))
@@ -123,7 +132,7 @@ def verify(
     for size in sizes:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, chans, *size, generator=g).to(device=device, dtype=dtype)
-        where = f"{size[0]}x{size[1]}"
+        where = "x".join(str(s) for s in size)
         try:
             results, _ = run_contract_checks(
                 enc,

@@ -30,7 +30,7 @@ def check_masked_samples_invisible(
     b = x.shape[0]
     xx = torch.cat([x, _garbage_like(x, (extra, *x.shape[1:]), g)])
     mm = torch.cat([mask, torch.zeros(extra, *mask.shape[1:], dtype=mask.dtype, device=mask.device)])
-    size = (x.shape[-2], x.shape[-1])
+    size = tuple(x.shape[2:])
     witness = _resolve_witness(fp64_witness, enc, None)
     results = []
     for mode in _modes(train, eval):

@@ -62,9 +62,9 @@ def _compare_features(
     atol: float,
     rtol: float,
     *,
-    ref_size: tuple[int, int],
-    out_size: tuple[int, int] | None = None,
-    offset: tuple[int, int] = (0, 0),
+    ref_size: tuple[int, ...],
+    out_size: tuple[int, ...] | None = None,
+    offset: tuple[int, ...] | None = None,
     batch: int | None = None,
     outs64: Sequence[torch.Tensor] | None = None,
     refs64: Sequence[torch.Tensor] | None = None,
@@ -73,11 +73,13 @@ def _compare_features(
 
     ``ref_size`` / ``out_size`` are the input sizes the two lists were computed at; when they differ
     only the region of each output matching the reference is compared, starting at ``offset`` input
-    pixels from the top-left. ``batch``: compare only the first ``batch`` samples. ``outs64`` /
-    ``refs64``: the same computations in float64; each side's distance to its fp64 twin is allowed on
-    top of the tolerance (the difference is then explained by rounding, not by the contract).
+    sites from the start of every axis (top-left in 2-D). ``batch``: compare only the first ``batch``
+    samples. ``outs64`` / ``refs64``: the same computations in float64; each side's distance to its
+    fp64 twin is allowed on top of the tolerance (the difference is then explained by rounding, not
+    by the contract).
     """
-    out_size = ref_size if out_size is None else out_size
+    ref_size, out_size = tuple(ref_size), tuple(ref_size if out_size is None else out_size)
+    offset = (0,) * len(ref_size) if offset is None else tuple(offset)
     tol = f"{atol:g}*scale + {rtol:g}*|ref|"
     if len(outs) != len(refs):
         return CheckResult(
@@ -93,9 +95,8 @@ def _compare_features(
         r = _to_nchw(r, _feature_hw(enc, i, ref_size))
         o = _to_nchw(o, _feature_hw(enc, i, out_size))
         if out_size != ref_size:
-            fy = offset[0] * r.shape[-2] // ref_size[0]
-            fx = offset[1] * r.shape[-1] // ref_size[1]
-            o = o[..., fy : fy + r.shape[-2], fx : fx + r.shape[-1]]
+            starts = [at * n // full for at, n, full in zip(offset, r.shape[2:], ref_size)]
+            o = o[(..., *(slice(s, s + n) for s, n in zip(starts, r.shape[2:])))]
         if batch is not None:
             o, r = o[:batch], r[:batch]
         return o, r

@@ -33,9 +33,10 @@ import torch
 import torch.nn as nn
 
 from ._batch import check_masked_samples_invisible
-from ._canvas import check_canvas_invariant
+from ._canvas import check_canvas_invariant, default_canvas_pads
 from ._dense import check_dense_equal
 from ._dense import source_model as _source
+from ._geometry import patch_of
 from ._results import ATOL, DENSE_ATOL, DENSE_RTOL, RTOL, CheckResult, _raise_if_failed
 from ._sharing import _model_fingerprint, check_model_untouched, check_shares_parameters
 from ._state import _forward, preserved_state
@@ -53,7 +54,7 @@ def _describe(enc: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> str:
     vis = mask.flatten(1).sum(1).tolist()
     return (
         f"{type(enc).__name__}: R={getattr(enc, 'downsample_ratio', '?')}, strides {strides}, "
-        f"channels {chans}; input {tuple(x.shape)} {x.dtype}, mask grid {tuple(mask.shape[-2:])}, "
+        f"channels {chans}; input {tuple(x.shape)} {x.dtype}, mask grid {tuple(mask.shape[2:])}, "
         f"visible patches per sample {vis}"
     )
 
@@ -73,7 +74,7 @@ def run_contract_checks(
     train: bool = True,
     eval: bool = True,
     generator: torch.Generator | None = None,
-    canvas_pads: Sequence[Sequence[int]] = ((1, 2), (2, 1, 0, 0)),
+    canvas_pads: Sequence[Sequence[int]] | None = None,
     wrap_kwargs: dict | None = None,
     fp64_witness: bool = True,
     source_model: nn.Module | None = None,
@@ -89,7 +90,7 @@ def run_contract_checks(
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     model = None if _is_encoder(module_or_encoder) else module_or_encoder
     if x is not None and input_size is None:
-        input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        input_size = tuple(int(s) for s in x.shape[2:])
     if model is not None:
         if input_size is None:
             raise ValueError("pass x or input_size to wrap a plain module")
@@ -101,12 +102,14 @@ def run_contract_checks(
             input_size = getattr(enc, "input_size", None)
             if input_size is None:
                 raise ValueError("pass x or input_size (the encoder does not record its input size)")
-    r = int(enc.downsample_ratio)
     if x is None:
         device = next((p.device for p in enc.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in enc.parameters() if p.is_floating_point()), torch.float32)
         chans = int(getattr(enc, "in_chans", 3))
-        x = torch.randn(batch, chans, *input_size, generator=g).to(device)
-    grid = (x.shape[-2] // r, x.shape[-1] // r)
+        x = torch.randn(batch, chans, *input_size, generator=g).to(device=device, dtype=dtype)
+    rank = x.dim() - 2
+    grid = tuple(n // p for n, p in zip(x.shape[2:], patch_of(enc, rank)))
+    canvas_pads = default_canvas_pads(rank) if canvas_pads is None else canvas_pads
     if mask is None:
         mask = sparsify.random_mask(x.shape[0], grid, ratio, generator=g).to(x.device)
     mask = mask.bool()
@@ -158,7 +161,7 @@ def assert_sparse_semantics(
     train: bool = True,
     eval: bool = True,
     generator: torch.Generator | None = None,
-    canvas_pads: Sequence[Sequence[int]] = ((1, 2), (2, 1, 0, 0)),
+    canvas_pads: Sequence[Sequence[int]] | None = None,
     wrap_kwargs: dict | None = None,
     fp64_witness: bool = True,
 ) -> list[CheckResult]:
@@ -169,18 +172,20 @@ def assert_sparse_semantics(
             checked for parameter sharing and for being left untouched) or an encoder returned by
             ``sparsify.wrap``.
         x: input batch; random ``(batch, in_chans, *input_size)`` when None.
-        mask: bool ``(B, 1, H // R, W // R)``, True = visible; a random mask with ``ratio`` masked
-            when None (note: here None means *draw one*, not "all visible").
-        input_size: ``(H, W)`` used for wrapping and for drawing ``x``; defaults to ``x``'s size (or
-            the encoder's recorded ``input_size``).
+        mask: bool ``(B, 1, *grid)`` (``(B, 1, H // R, W // R)`` for images), True = visible; a
+            random mask with ``ratio`` masked when None (note: here None means *draw one*, not "all
+            visible").
+        input_size: ``(H, W)`` (``(D, H, W)``, ``(L,)``) used for wrapping and for drawing ``x``;
+            defaults to ``x``'s size (or the encoder's recorded ``input_size``).
         atol, rtol: tolerances of the masked comparisons (canvas invariance, invisible samples),
             relative to the feature scale ``max(1, max |reference|)``.
         dense_atol, dense_rtol: tolerances of dense equality.
         train, eval: which modes to check.
         generator: RNG for the random input, mask and garbage fills.
         canvas_pads: the canvas-invariance paddings to check, in patches, each ``(bottom, right)`` or
-            ``(top, left, bottom, right)``; by default the contract's bottom/right padding and a
-            top/left one (see :func:`check_canvas_invariant`).
+            ``(top, left, bottom, right)`` (one count per axis, or starts then ends, in other ranks);
+            by default the contract's bottom/right padding and a top/left one (see
+            :func:`check_canvas_invariant`, :func:`default_canvas_pads`).
         wrap_kwargs: extra arguments for ``sparsify.wrap`` (e.g. ``stages=[...]``).
         fp64_witness: when an fp32 comparison fails, rerun both sides on float64 deep copies and
             allow each side's own rounding error (its distance to its fp64 twin) on top of the

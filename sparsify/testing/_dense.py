@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ._compare import _compare_features
 from ._draws import fixed_draws
+from ._geometry import patch_of
 from ._hooks import capture_module_outputs
 from ._results import DENSE_ATOL, DENSE_RTOL, CheckResult, _raise_if_failed
 from ._state import _forward, _mode_name, _modes, preserved_state
@@ -69,9 +70,9 @@ def check_dense_equal(
     dense = enc.dense_encoder() if dense is None else dense
     model = source_model(enc) if model is None else model
     witness = _resolve_witness(fp64_witness, enc, dense, model)
-    size = (x.shape[-2], x.shape[-1])
-    r = int(enc.downsample_ratio)
-    full = torch.ones(x.shape[0], 1, size[0] // r, size[1] // r, dtype=torch.bool, device=x.device)
+    size = tuple(x.shape[2:])
+    grid = tuple(n // p for n, p in zip(size, patch_of(enc, len(size))))
+    full = torch.ones(x.shape[0], 1, *grid, dtype=torch.bool, device=x.device)
     results = []
     for mode in _modes(train, eval):
         ref, from_model = _reference(enc, dense, model, x, mode)

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def _stage_label(enc: nn.Module, i: int) -> str:
@@ -27,34 +26,56 @@ def _stage_label(enc: nn.Module, i: int) -> str:
     return ", ".join(parts)
 
 
-def _feature_hw(enc: nn.Module, i: int, size: tuple[int, int]) -> tuple[int, int] | None:
+def per_axis(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+    """An int stride or patch as one value per spatial axis (tuples pass through)."""
+    return (int(value),) * rank if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def patch_of(enc: nn.Module, rank: int) -> tuple[int, ...]:
+    """The encoder's mask patch per axis (``patch_size``, else its downsample ratio)."""
+    patch = getattr(enc, "patch_size", None)
+    return per_axis(patch if patch is not None else enc.downsample_ratio, rank)
+
+
+def ratio_of(enc: nn.Module, rank: int) -> tuple[int, ...]:
+    """The encoder's total stride per axis (inputs must be multiples of it)."""
+    return per_axis(enc.downsample_ratio, rank)
+
+
+def _feature_hw(enc: nn.Module, i: int, size: Sequence[int]) -> tuple[int, ...] | None:
+    """The spatial size of feature ``i`` for an input of spatial ``size`` (any rank)."""
     strides = getattr(enc, "feature_strides", None)
     if strides is None or i >= len(strides):
         return None
-    s = int(strides[i])
-    return (size[0] // s, size[1] // s)
+    s = per_axis(strides[i], len(size))
+    return tuple(n // k for n, k in zip(size, s))
 
 
-def _to_nchw(feat: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
-    """View a feature as (B, C, h, w); accepts channels-last (B, h, w, C) features too."""
-    if feat.dim() != 4:
-        raise AssertionError(f"expected a 4-D feature map, got shape {tuple(feat.shape)}")
-    if hw is None or tuple(feat.shape[-2:]) == tuple(hw):
+def _to_nchw(feat: torch.Tensor, hw: Sequence[int] | None) -> torch.Tensor:
+    """View a feature as (B, C, *spatial); accepts channels-last (B, *spatial, C) features too."""
+    rank = len(hw) if hw is not None else feat.dim() - 2
+    if feat.dim() != rank + 2:
+        raise AssertionError(f"expected a {rank + 2}-D feature map, got shape {tuple(feat.shape)}")
+    if hw is None or tuple(feat.shape[2:]) == tuple(hw):
         return feat
-    if tuple(feat.shape[1:3]) == tuple(hw):
-        return feat.permute(0, 3, 1, 2)
-    raise AssertionError(f"feature of shape {tuple(feat.shape)} does not have the expected spatial size {hw}")
+    if tuple(feat.shape[1 : 1 + rank]) == tuple(hw):
+        return feat.permute(0, rank + 1, *range(1, rank + 1))
+    raise AssertionError(f"feature of shape {tuple(feat.shape)} does not have the expected spatial size {tuple(hw)}")
 
 
-def _mask_at(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a (B, 1, h, w) bool mask to ``hw`` (bool)."""
-    if tuple(mask.shape[-2:]) == tuple(hw):
+def _mask_at(mask: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
+    """A (B, 1, *grid) bool mask at spatial size ``hw`` (bool): each patch repeated on finer maps; on
+    maps coarser than the patch a cell is visible when any of its patches is (as the encoder does)."""
+    if tuple(mask.shape[2:]) == tuple(hw):
         return mask.bool()
-    return F.interpolate(mask.float(), size=tuple(hw), mode="nearest").bool()
+    from sparsify.rewrite import _resize
+
+    return _resize(mask.float(), tuple(int(s) for s in hw)).bool()
 
 
 def _locate(index: int, shape: Sequence[int]) -> str:
-    names = ("b", "c", "y", "x") if len(shape) == 4 else tuple(f"d{i}" for i in range(len(shape)))
+    names = {3: ("b", "c", "x"), 4: ("b", "c", "y", "x"), 5: ("b", "c", "z", "y", "x")}.get(
+        len(shape), tuple(f"d{i}" for i in range(len(shape))))
     coords = []
     for size in reversed(shape):
         coords.append(index % size)

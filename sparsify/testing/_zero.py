@@ -14,7 +14,7 @@ def check_zero_at_masked(
     enc: nn.Module, x: torch.Tensor, mask: torch.Tensor, *, train: bool = True, eval: bool = True
 ) -> list[CheckResult]:
     """Every feature ``enc(x, mask)`` returns must be exactly 0 at masked sites."""
-    size = (x.shape[-2], x.shape[-1])
+    size = tuple(x.shape[2:])
     results = []
     for mode in _modes(train, eval):
         with preserved_state(enc):
@@ -28,7 +28,7 @@ def check_zero_at_masked(
                 details.append(f"{_stage_label(enc, i)}: {e}")
                 worst = float("inf")
                 continue
-            hidden = ~_mask_at(mask, tuple(f.shape[-2:]))
+            hidden = ~_mask_at(mask, tuple(f.shape[2:]))
             vals = torch.where(hidden, f.double(), 0.0)
             bad = vals.abs()
             bad = torch.where(torch.isfinite(bad), bad, torch.full_like(bad, float("inf")))

@@ -17,7 +17,7 @@ same names from :mod:`sparsify.testing`. Where each check lives:
 from __future__ import annotations
 
 from ._batch import assert_masked_samples_invisible, check_masked_samples_invisible
-from ._canvas import assert_canvas_invariant, check_canvas_invariant
+from ._canvas import assert_canvas_invariant, check_canvas_invariant, default_canvas_pads
 from ._contract import assert_sparse_semantics, run_contract_checks
 from ._dense import assert_dense_equal, check_dense_equal
 from ._draws import fixed_draws
@@ -27,6 +27,7 @@ from ._reference import (
     gather_active,
     reference_batch_norm,
     reference_group_norm,
+    reference_instance_norm,
     scatter_active,
 )
 from ._results import ATOL, DENSE_ATOL, DENSE_RTOL, RTOL, CheckResult, format_results
@@ -44,6 +45,7 @@ __all__ = [
     "assert_dense_equal",
     "assert_masked_samples_invisible",
     "assert_matches_reference",
+    "default_canvas_pads",
     "assert_shares_parameters",
     "assert_sparse_semantics",
     "assert_zero_at_masked",
@@ -60,6 +62,7 @@ __all__ = [
     "preserved_state",
     "reference_batch_norm",
     "reference_group_norm",
+    "reference_instance_norm",
     "run_contract_checks",
     "scatter_active",
 ]
