@@ -3,7 +3,7 @@
 A small ``ResidualEncoderUNet(...).encoder`` (InstanceNorm3d, unmodified) is pretrained for a few
 hundred steps on random ellipsoid phantoms (fresh ones every step), then reconstructs a phantom it has
 not seen; the picture shows axial, coronal and sagittal slices of input | masked | prediction |
-prediction in visible input. CPU, about two minutes:
+prediction in visible input. CPU, a few minutes (ten on a busy 2-core machine):
 
     python docs/volume_reconstruction.py [--steps 300] [--out docs/volume_reconstruction.png]
 """
