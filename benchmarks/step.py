@@ -8,6 +8,14 @@ sparse, ...) in one process and the median of many steps after warm-up is report
     python -m benchmarks.step --model resnet50 --batch 8 --size 128 --device cpu
     python -m benchmarks.step --model convnext_small --batch 128 --size 224 --device cuda \
         --precision bf16 --channels-last --compile --json out.json
+    python -m benchmarks.step --model tv:r3d_18 dna:resenc --batch 2 --size 16x64x64 --threads 1
+    python -m benchmarks.step --model monai:resnet10 --batch 2 --size 64x64x64 --in-chans 1
+
+Volumes: ``--size DxHxW`` (``--size LEN --spatial-dims 1`` for signals). Besides timm and torchvision
+(``tv:r3d_18``, ``tv:r2plus1d_18``), ``monai:<name>`` builds a MONAI network with ``spatial_dims=3``
+(``monai:resnet10`` ... ``monai:resnet50``, ``monai:densenet121``) and ``dna:resenc`` /
+``dna:plainconv`` nnU-Net's residual / plain encoder (InstanceNorm3d, strides
+[[1,1,1],[1,2,2],[2,2,2],[2,2,2],[1,2,2]], 32..320 channels, returning every stage).
 """
 
 from __future__ import annotations
@@ -35,14 +43,45 @@ class _DenseAsEncoder(nn.Module):
     def __init__(self, enc: sparsify.SparseEncoder):
         super().__init__()
         self.dense = enc.dense_encoder()
-        for name in ("in_chans", "downsample_ratio", "feature_channels", "feature_strides", "norm_type"):
-            setattr(self, name, getattr(enc, name))
+        for name in ("in_chans", "downsample_ratio", "feature_channels", "feature_strides", "norm_type",
+                     "spatial_dims", "patch_size"):
+            if hasattr(enc, name):
+                setattr(self, name, getattr(enc, name))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         return self.dense(x)
 
 
-def build_model(name: str, drop_path: float = 0.0) -> nn.Module:
+#: nnU-Net's 3d_fullres plan for thick slices: no stride in depth at the first and last downsampling.
+NNUNET_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+
+
+def _dna_encoder(name: str, in_chans: int) -> nn.Module:
+    """nnU-Net's ResEnc-M (or plain conv) encoder for a 5-stage plan, every stage returned."""
+    from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+    from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+
+    common = dict(input_channels=in_chans, n_stages=5, features_per_stage=[32, 64, 128, 256, 320],
+                  conv_op=nn.Conv3d, kernel_sizes=3, strides=NNUNET_STRIDES, conv_bias=True,
+                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                  nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, return_skips=True)
+    if name == "resenc":
+        return ResidualEncoder(n_blocks_per_stage=[1, 3, 4, 6, 6], **common)
+    if name == "plainconv":
+        return PlainConvEncoder(n_conv_per_stage=2, **common)
+    raise ValueError(f"unknown dna: model {name!r}; use dna:resenc or dna:plainconv")
+
+
+def build_model(name: str, drop_path: float = 0.0, in_chans: int | None = None) -> nn.Module:
+    if name.startswith("dna:"):
+        return _dna_encoder(name.split(":", 1)[1], in_chans or 1)
+    if name.startswith("monai:"):
+        from monai.networks import nets
+
+        arch = name.split(":", 1)[1]
+        if arch.startswith("resnet"):
+            return getattr(nets, arch)(spatial_dims=3, n_input_channels=in_chans or 1, num_classes=2)
+        return getattr(nets, arch)(spatial_dims=3, in_channels=in_chans or 1, out_channels=2)
     if name.startswith("torchvision:") or name.startswith("tv:"):
         import torchvision
 
@@ -53,9 +92,14 @@ def build_model(name: str, drop_path: float = 0.0) -> nn.Module:
     return timm.create_model(name.removeprefix("timm:"), pretrained=False, **kwargs)
 
 
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    return (int(parts[0]), int(parts[-1]))
+def _size(text: str, spatial_dims: int | None = None) -> tuple[int, ...]:
+    """``"128"`` -> (128, 128); ``"16x64x64"`` -> (16, 64, 64); ``"512"`` with spatial_dims=1 -> (512,)."""
+    parts = [int(p) for p in text.lower().split("x")]
+    if len(parts) == 1:
+        return tuple(parts * (spatial_dims or 2))
+    if spatial_dims and len(parts) != spatial_dims:
+        raise SystemExit(f"--size {text} has {len(parts)} sides but --spatial-dims is {spatial_dims}")
+    return tuple(parts)
 
 
 def _sync(device: torch.device) -> None:
@@ -89,7 +133,10 @@ def _peak_rss_mib(args: argparse.Namespace, key: str) -> float:
     argv = [sys.executable, "-m", "benchmarks.step", "--model", args.model, "--batch", str(args.batch),
             "--size", args.size, "--device", args.device, "--precision", args.precision, "--steps", "2",
             "--warmup", "1", "--mask-ratio", str(args.mask_ratio), "--decoder-width", str(args.decoder_width),
-            "--seed", str(args.seed), "--rss-child", key]
+            "--seed", str(args.seed), "--loss", args.loss, "--rss-child", key]
+    for flag in ("spatial_dims", "in_chans", "patch_size"):
+        if getattr(args, flag):
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     for flag in ("channels_last", "encoder_only"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
@@ -110,14 +157,19 @@ def _vm_hwm_mib() -> float:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    size = _size(args.size)
-    model = build_model(args.model).to(device)
+    size = _size(args.size, args.spatial_dims)
+    model = build_model(args.model, in_chans=args.in_chans).to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    enc = sparsify.wrap(model, input_size=size)
-    spark = SparK(enc, mask_ratio=args.mask_ratio, decoder_width=args.decoder_width).to(device)
+        model = model.to(memory_format=torch.channels_last if len(size) == 2 else torch.channels_last_3d)
+    wrap_kwargs = {"in_chans": args.in_chans} if args.in_chans else {}
+    if args.patch_size:
+        wrap_kwargs["patch_size"] = _size(args.patch_size, len(size))
+    enc = sparsify.wrap(model, input_size=size, **wrap_kwargs)
+    spark_kwargs = {"loss": args.loss} if args.loss != "spark" else {}
+    spark = SparK(enc, mask_ratio=args.mask_ratio, decoder_width=args.decoder_width, **spark_kwargs).to(device)
+    layout = torch.channels_last if len(size) == 2 else torch.channels_last_3d
     if args.channels_last:
-        spark = spark.to(memory_format=torch.channels_last)
+        spark = spark.to(memory_format=layout)
     dense_spark = copy.copy(spark)
     dense_spark._modules = dict(spark._modules)
     dense_spark._modules["encoder"] = _DenseAsEncoder(enc)
@@ -130,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     x = torch.randn(args.batch, enc.in_chans, *size, device=device)
     if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=layout)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     masks = [spark.draw_mask(x, gen) for _ in range(4)]
 
@@ -237,7 +289,8 @@ def format_row(r: dict) -> str:
     else:
         mem_text = "       n/a"
     saved = f"{r['sparse']['saved_for_backward_mib']:6.0f} / {r['dense']['saved_for_backward_mib']:6.0f}"
-    return (f"| {r['model']:<18} | {r['batch']:>5} | {r['size'][0]}x{r['size'][1]:<4} | {r['precision']:<4} | "
+    size = "x".join(str(s) for s in r["size"])
+    return (f"| {r['model']:<18} | {r['batch']:>5} | {size:<8} | {r['precision']:<4} | "
             f"{'cl' if r['channels_last'] else '  '} {'compiled' if r['compile'] else 'eager   '}"
             f"{' enc' if r.get('encoder_only') else ''} | "
             f"{r['sparse']['step_s'] * 1e3:9.1f} | {r['dense']['step_s'] * 1e3:9.1f} | "
@@ -252,9 +305,15 @@ HEADER = ("| model              | batch | size     | prec | layout/mode | sparse
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["resnet50"], help="timm names or tv:<torchvision name>")
+    parser.add_argument("--model", nargs="+", default=["resnet50"],
+                        help="timm names, tv:<torchvision name>, monai:<MONAI name> (3-D), dna:resenc / dna:plainconv")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", default="128", help="int or HxW")
+    parser.add_argument("--size", default="128", help="int, HxW, DxHxW (volumes) or LEN with --spatial-dims 1")
+    parser.add_argument("--spatial-dims", type=int, choices=[1, 2, 3], default=None,
+                        help="rank of a single-int --size (default 2)")
+    parser.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
+    parser.add_argument("--patch-size", default=None, help="mask patch finer than the ratio (int or DxHxW)")
+    parser.add_argument("--loss", choices=["spark", "mse"], default="spark")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
