@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .cli import RecipeError, parse_size
+from .cli import RecipeError, parse_crop_scale, parse_size
 
 __all__ = [
     "PROG",
@@ -322,19 +322,6 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def _parse_scale(text: Any) -> tuple[float, float]:
-    if isinstance(text, (list, tuple)):
-        vals = [float(v) for v in text]
-    else:
-        try:
-            vals = [float(v) for v in str(text).replace(" ", "").split(",")]
-        except ValueError:
-            vals = []
-    if len(vals) != 2 or not 0.0 < vals[0] <= vals[1] <= 1.0:
-        raise RecipeError(f"--crop-scale must be 'min,max' with 0 < min <= max <= 1, got {text!r}")
-    return vals[0], vals[1]
-
-
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the user actually gave on the command line."""
     return {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
@@ -381,7 +368,7 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
         merged["warmup"] = PRESETS["paper"]["warmup"]
     merged["preset"] = preset
     merged["input_size"] = parse_size(merged["input_size"])
-    merged["crop_scale"] = _parse_scale(merged["crop_scale"])
+    merged["crop_scale"] = parse_crop_scale(merged["crop_scale"])
     merged["out"] = str(merged.get("out") or default_out(explicit))
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     values = {k: merged.get(k) for k in fields}

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .cli import EXIT_INTERRUPTED, RecipeError, parse_size, quiet_known_warnings, run_main
-from .data import IMAGENET_MEAN, IMAGENET_STD, find_labelled_images, sample_seed
+from .cli import EXIT_INTERRUPTED, RecipeError, parse_crop_scale, parse_size, quiet_known_warnings, run_main
+from .data import CenterCrop, find_labelled_images, sample_seed
 from .resume import check_resume
 from .run_folder import RunFolder
 
@@ -63,32 +62,6 @@ DEFAULTS: dict[str, Any] = {
 # Settings that fix the saved state's shapes or meaning (no change on resume), and those noticed.
 FIXED_KEYS = ("model", "in_chans", "input_size", "linear_probe")
 NOTICE_KEYS = ("batch_size", "seed", "base_lr", "lr")
-
-
-class CenterCrop:
-    """Evaluation transform: resize so the crop is ``crop_ratio`` of the short side, centre-crop."""
-
-    def __init__(
-        self,
-        size: tuple[int, int],
-        crop_ratio: float = 0.875,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        self.size = size
-        self.crop_ratio = crop_ratio
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        th, tw = self.size
-        scale = max(th / (h * self.crop_ratio), tw / (w * self.crop_ratio))
-        nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
-        out = F.interpolate(img.unsqueeze(0), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        out = out[0, :, top : top + th, left : left + tw].clamp(0.0, 1.0)
-        return (out - self.mean) / self.std
 
 
 def split_train_val(
@@ -172,16 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_scale(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in str(text).split(","))
-    except ValueError as err:
-        raise RecipeError(f"--crop-scale must be 'min,max', got {text!r}") from err
-    if not 0 < lo <= hi <= 1:
-        raise RecipeError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {text!r}")
-    return lo, hi
-
-
 def _from_backbone(init: str | None) -> dict[str, Any]:
     """model / in_chans / input_size as written by ``export_backbone`` into the --init file's header."""
     if not init or not str(init).endswith(".safetensors"):
@@ -229,7 +192,7 @@ def _validate(s: dict[str, Any]) -> None:
         if not ok:
             raise RecipeError(message)
     parse_size(s["input_size"])
-    _parse_scale(s["crop_scale"])
+    parse_crop_scale(s["crop_scale"])
 
 
 def _labelled_data(s: dict[str, Any]) -> dict[str, Any]:

@@ -20,10 +20,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .cli import EXIT_INTERRUPTED, EXIT_OK, RecipeError, format_size, parse_size
+from .cli import EXIT_INTERRUPTED, EXIT_OK, RecipeError, format_size, parse_crop_scale, parse_size
 from .data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CenterCrop,
     GlobalBatchSampler,
     ImageFiles,
     RandomResizedCropFlip,
@@ -79,8 +80,6 @@ class Finetuner:
 
     # ---- building
     def build(self) -> None:
-        from .finetune import CenterCrop
-
         s, env = self.s, self.env
         classes = self.data["classes"]
         size = parse_size(s["input_size"])
@@ -96,11 +95,9 @@ class Finetuner:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
         else:
             mean, std = estimate_channel_stats(paths=[str(p) for p in self.data["train"][0]], channels=channels)
-        from .finetune import _parse_scale
-
         train_paths, train_labels = self.data["train"]
         val_paths, val_labels = self.data["val"]
-        tf = RandomResizedCropFlip(size, scale=_parse_scale(s["crop_scale"]), mean=mean, std=std)
+        tf = RandomResizedCropFlip(size, scale=parse_crop_scale(s["crop_scale"]), mean=mean, std=std)
         self.train_ds = ImageFiles(train_paths, tf, channels, train_labels, seed=s["seed"])
         self.train_ds.probe()
         self.val_ds = ImageFiles(val_paths, CenterCrop(size, mean=mean, std=std), channels, val_labels, seed=s["seed"])

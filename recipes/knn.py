@@ -88,8 +88,7 @@ def pooled_features(
 
 
 def _read(root: Path, size: tuple[int, int], channels: int, mean, std) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from .data import find_labelled_images, load_image
-    from .finetune import CenterCrop
+    from .data import CenterCrop, find_labelled_images, load_image
 
     paths, labels, classes = find_labelled_images(root)
     if len(paths) > MAX_IMAGES:  # an even spread over the classes, not the first ones only
