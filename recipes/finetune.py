@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "keep": 2,
     "tensorboard": True,
     "dist_timeout": 30.0,
+    "max_bad_steps": 5,
 }
 # Settings that fix the saved state's shapes or meaning (no change on resume), and those noticed.
 FIXED_KEYS = ("model", "in_chans", "input_size", "linear_probe")
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dist-timeout", type=float, help="minutes a process waits for the others before the run fails (30)"
     )
+    p.add_argument(
+        "--max-bad-steps",
+        type=int,
+        help="a step whose loss, gradients or BatchNorm statistics are not finite is skipped (no update, BatchNorm "
+        "statistics restored); stop after this many in a row (5)",
+    )
     return p
 
 
@@ -187,6 +194,7 @@ def _validate(s: dict[str, Any]) -> None:
         (0.0 < s["val_fraction"] < 1.0, f"--val-fraction must be in (0, 1), got {s['val_fraction']}"),
         (s["save_every"] is None or s["save_every"] >= 1, f"--save-every must be >= 1, got {s['save_every']}"),
         (s["dist_timeout"] > 0, f"--dist-timeout must be > 0 minutes, got {s['dist_timeout']}"),
+        (s["max_bad_steps"] >= 1, f"--max-bad-steps must be >= 1, got {s['max_bad_steps']}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -49,7 +49,7 @@ def test_health_rule() -> None:
         health.record(v)
     assert health.problem(3.5) is None and health.problem(3.79) is None  # 4 x median(1.0, 0.9, 0.8, 50) = 3.8
     assert "loss spike" in (health.problem(3.81) or "")
-    for v in range(100):  # only the last 20 count
+    for _ in range(100):  # only the last 20 count
         health.record(0.1)
     assert health.problem(0.41) is not None and health.problem(0.39) is None
     assert LossHealth(0.0, [1.0]).problem(1e9) is None  # spike test off
