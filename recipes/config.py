@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--knn-data",
         help="labelled ImageFolder (one sub-folder per class, or train/ and val/ inside; a few hundred images): "
-        "k-NN top-1 of the pooled features at step 0, every --knn-every steps and at the end",
+        "k-NN top-1 of the pooled features at step 0, every --knn-every steps and at the end. BatchNorm "
+        "statistics are re-estimated on these images before each evaluation (the run's own are kept), so the "
+        "score depends on the weights alone",
     )
     k.add_argument(
         "--knn-every",

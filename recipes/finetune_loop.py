@@ -34,10 +34,10 @@ from .data import (
     estimate_channel_stats,
 )
 from .logs import RunLogger, progress
-from .models import build_model, classifier_names, head_prefixes, load_init
+from .models import backbone_header, build_model, classifier_names, head_prefixes, load_init
 from .optim import param_groups, set_lr_and_wd
 from .run_folder import RunFolder, release_inherited_locks
-from .schedules import lr_at
+from .schedules import lr_at, peak_lr
 from .stop import StopRequest
 
 __all__ = ["FINETUNE_FORMAT", "Finetuner"]
@@ -86,7 +86,12 @@ class Finetuner:
         size = parse_size(s["input_size"])
         self.size = size
         torch.manual_seed(s["seed"])
-        model = build_model(s["model"], num_classes=len(classes), in_chans=s["in_chans"], drop_path=s["drop_path"])
+        try:
+            model = build_model(
+                s["model"], num_classes=len(classes), in_chans=s["in_chans"], drop_path=s["drop_path"]
+            )
+        except RecipeError as err:
+            raise RecipeError(_with_model_hint(str(err), s)) from err
         self.fresh: list[str] = []
         if s["init"]:
             self.fresh = load_init(model, s["init"], allow_missing=head_prefixes(model))
@@ -139,7 +144,12 @@ class Finetuner:
 
         probe = s["linear_probe"]
         base_lr = s["base_lr"] if s["base_lr"] is not None else (0.1 if probe else 1e-3)
-        self.peak = s["lr"] if s["lr"] is not None else base_lr * s["batch_size"] / 256
+        min_lr = s.get("min_lr")
+        min_lr = min_lr if min_lr is not None else (0.01 if probe else 1e-4)
+        rule = s.get("lr_rule") or "linear"
+        self.peak = s["lr"] if s["lr"] is not None else peak_lr(base_lr, s["batch_size"], rule, min_lr)
+        factor = f"sqrt({s['batch_size']}/256)" if rule == "sqrt" else f"{s['batch_size']}/256"
+        self.lr_rule = "set by --lr" if s["lr"] is not None else f"max({base_lr:g} x {factor}, {min_lr:g})"
         self.wd = s["weight_decay"] if s["weight_decay"] is not None else (0.0 if probe else 0.05)
         groups = param_groups(model.named_parameters(), self.wd)
         if probe:
@@ -424,10 +434,22 @@ class Finetuner:
         epochs = self.total / self.steps_per_epoch
         self.say(
             f"  {self.total} steps (~{epochs:.3g} epochs of {self.steps_per_epoch}), batch {s['batch_size']}, "
-            f"peak lr {self.peak:.3g}, wd {self.wd}, {s['precision']} on {self.env.device}; out: {self.out}"
+            f"peak lr {self.peak:.3g} ({self.lr_rule}), wd {self.wd}, {s['precision']} on {self.env.device}; "
+            f"out: {self.out}"
         )
         if start:
             self.say(f"  resuming from {self.resume_from} at step {start}")
+
+
+def _with_model_hint(message: str, s: dict[str, Any]) -> str:
+    """``message``, plus how to proceed when the model that failed to build was named by the --init header."""
+    if s["init"] and backbone_header(s["init"]).get("model") == s["model"]:
+        return (
+            f"{message}. (The model was read from the header of '{s['init']}', written where pretraining ran; "
+            "pass --model to say where the factory is now, e.g. --model path/to/file.py:function or "
+            "package.module:function)"
+        )
+    return message
 
 
 def _set_train_mode(model: nn.Module, linear_probe: bool, cls_names: list[str]) -> None:

@@ -20,6 +20,7 @@ from . import distributed as dist_utils
 from .cli import format_size, warn
 from .config import PROG
 from .logs import plot_loss_curve, read_metrics
+from .models import portable_model_spec
 from .optim import betas_for_norm
 
 __all__ = [
@@ -148,7 +149,8 @@ def finish_outputs(t: PretrainRun) -> dict[str, Path]:
         return written
     backbone = t.out / "backbone.safetensors"
     tmp = t.out / f".backbone.tmp-{os.getpid()}.safetensors"
-    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=t.cfg.model)  # the header names the model
+    # The header names the model; a factory file by its absolute path, so that fine-tuning finds it anywhere.
+    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=portable_model_spec(t.cfg.model))
     os.replace(tmp, backbone)
     written["backbone"] = backbone
     end = write_reconstructions(t, "recon_end.png")

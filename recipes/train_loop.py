@@ -229,9 +229,13 @@ class Pretrainer:
                     gaps = sorted(b - a for a, b in zip(self._step_times, self._step_times[1:]))
                     per_step = gaps[len(gaps) // 2]
                     self.knn_every = max(1, math.ceil(self._knn_seconds / (0.02 * max(per_step, 1e-6))))
+                    # Evaluations fall on start + k * every; say which is the first still ahead, so that
+                    # an interval shorter than the measurement itself is not announced as already kept.
+                    first = start + -(-(step - start) // self.knn_every) * self.knn_every  # this step counts
                     self.say(
                         f"  k-NN monitor: one evaluation takes {self._knn_seconds:.2g} s, a step {per_step:.2g} s: "
-                        f"evaluating every {self.knn_every} steps (< 2% of training time)"
+                        f"evaluating at step {min(first, self.total_steps)}, then every {self.knn_every} steps "
+                        "(< 2% of training time) and at the end"
                     )
             if step == self.total_steps or (self.knn_every and (step - start) % self.knn_every == 0):
                 self.evaluate_knn(step)
