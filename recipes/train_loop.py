@@ -188,17 +188,17 @@ class Pretrainer:
 
     # ---- monitoring: k-NN accuracy and reconstruction pictures during the run
     def build_knn(self) -> None:
-        """Read the --knn-data images once (main process); the others skip the monitor."""
+        """Read the --knn-data images once: each rank its share (the evaluation is sharded over ranks)."""
         cfg = self.cfg
         self.knn: KnnMonitor | None = None
         self.knn_history: list[tuple[int, float]] = []
         self.knn_every = cfg.knn_every
         self._knn_seconds = 0.0
         self._step_times: list[float] = []
-        if cfg.knn_data and self.env.is_main:
+        if cfg.knn_data:
             self.knn = KnnMonitor(
                 cfg.knn_data, cfg.input_size, self.in_chans, self.mean, self.std, k=cfg.knn_k,
-                batch=self.plan.micro_batch,
+                batch=self.plan.micro_batch, rank=self.env.rank, world_size=self.env.world_size,
             )  # fmt: skip
 
     def knn_schedule(self) -> str:
@@ -207,7 +207,7 @@ class Pretrainer:
         return "at the start, the end, and at an interval measured to cost under 2% of the training time"
 
     def evaluate_knn(self, step: int) -> None:
-        """Evaluate the k-NN monitor now (main process), log it and remember it for the summary."""
+        """Evaluate the k-NN monitor now (every rank, together), log it and remember it for the summary."""
         if self.knn is None:
             return
         t0 = time.perf_counter()
@@ -219,8 +219,6 @@ class Pretrainer:
 
     def after_step(self, step: int, start: int) -> None:
         """Periodic monitoring after optimiser step ``step``: k-NN accuracy and TensorBoard pictures."""
-        if not self.env.is_main:
-            return
         if self.knn is not None:
             if self.knn_every is None:
                 # Choose the interval from measured costs: the first evaluation against the median step.
@@ -228,7 +226,8 @@ class Pretrainer:
                 if len(self._step_times) == 11:
                     gaps = sorted(b - a for a, b in zip(self._step_times, self._step_times[1:]))
                     per_step = gaps[len(gaps) // 2]
-                    self.knn_every = max(1, math.ceil(self._knn_seconds / (0.02 * max(per_step, 1e-6))))
+                    every = max(1, math.ceil(self._knn_seconds / (0.02 * max(per_step, 1e-6))))
+                    self.knn_every = dist_utils.broadcast_object(every)  # rank 0's timing: every rank evaluates alike
                     # Evaluations fall on start + k * every; say which is the first still ahead, so that
                     # an interval shorter than the measurement itself is not announced as already kept.
                     first = start + -(-(step - start) // self.knn_every) * self.knn_every  # this step counts
@@ -239,6 +238,8 @@ class Pretrainer:
                     )
             if step == self.total_steps or (self.knn_every and (step - start) % self.knn_every == 0):
                 self.evaluate_knn(step)
+        if not self.env.is_main:
+            return
         if self.logger is not None and self.logger.writer is not None and step % self.vis_every == 0:
             path = report.write_reconstructions(self, "recon_latest.png")
             if path is not None:
