@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .cli import EXIT_INTERRUPTED, EXIT_OK, RecipeError, parse_size, quiet_known_warnings, run_main
-from .data import IMAGENET_MEAN, IMAGENET_STD, find_labelled_images, sample_seed
+from .cli import EXIT_INTERRUPTED, EXIT_OK, RecipeError, parse_crop_scale, parse_size, quiet_known_warnings, run_main
+from .data import CenterCrop, find_labelled_images, sample_seed
+from .models import backbone_header
 from .resume import check_resume
 from .run_folder import RunFolder
 
@@ -62,38 +62,13 @@ DEFAULTS: dict[str, Any] = {
     "keep": 2,
     "tensorboard": True,
     "dist_timeout": 30.0,
+    "max_bad_steps": 5,
 }
 # Settings that fix the saved state's shapes or meaning (no change on resume), and those noticed.
 FIXED_KEYS = ("model", "in_chans", "input_size", "linear_probe")
 NOTICE_KEYS = ("batch_size", "seed", "base_lr", "lr", "lr_rule", "min_lr")
 #: the peak-lr rule when none is given (runs saved before the rule existed used the linear one)
 LR_RULE = "sqrt"
-
-
-class CenterCrop:
-    """Evaluation transform: resize so the crop is ``crop_ratio`` of the short side, centre-crop."""
-
-    def __init__(
-        self,
-        size: tuple[int, int],
-        crop_ratio: float = 0.875,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        self.size = size
-        self.crop_ratio = crop_ratio
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        th, tw = self.size
-        scale = max(th / (h * self.crop_ratio), tw / (w * self.crop_ratio))
-        nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
-        out = F.interpolate(img.unsqueeze(0), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        out = out[0, :, top : top + th, left : left + tw].clamp(0.0, 1.0)
-        return (out - self.mean) / self.std
 
 
 def split_train_val(
@@ -181,42 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dist-timeout", type=float, help="minutes a process waits for the others before the run fails (30)"
     )
+    p.add_argument(
+        "--max-bad-steps",
+        type=int,
+        help="a step whose loss, gradients or BatchNorm statistics are not finite is skipped (no update, BatchNorm "
+        "statistics restored); stop after this many in a row (5)",
+    )
     return p
-
-
-def _parse_scale(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in str(text).split(","))
-    except ValueError as err:
-        raise RecipeError(f"--crop-scale must be 'min,max', got {text!r}") from err
-    if not 0 < lo <= hi <= 1:
-        raise RecipeError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {text!r}")
-    return lo, hi
-
-
-def _from_backbone(init: str | None) -> dict[str, Any]:
-    """model / in_chans / input_size as written by ``export_backbone`` into the --init file's header."""
-    if not init or not str(init).endswith(".safetensors"):
-        return {}
-    from sparsify.spark import backbone_metadata
-
-    meta = backbone_metadata(Path(init).expanduser())
-    found: dict[str, Any] = {}
-    if meta.get("model"):
-        found["model"] = meta["model"]
-    if isinstance(meta.get("in_chans"), int):
-        found["in_chans"] = meta["in_chans"]
-    if meta.get("input_size"):
-        h, w = meta["input_size"]
-        found["input_size"] = f"{h}x{w}"
-    return found
 
 
 def resolve_settings(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge, by priority: explicit flags, a resumed run's settings, the --init file's header, defaults."""
     merged: dict[str, Any] = dict(DEFAULTS)
     init = explicit.get("init", (saved or {}).get("init"))
-    merged.update(_from_backbone(init))
+    merged.update(backbone_header(init))
     if saved:
         merged.setdefault("lr_rule", "linear" if "lr_rule" not in saved else None)  # what the run was started with
         merged.update({k: v for k, v in saved.items() if v is not None})
@@ -239,12 +192,13 @@ def _validate(s: dict[str, Any]) -> None:
         (0.0 < s["val_fraction"] < 1.0, f"--val-fraction must be in (0, 1), got {s['val_fraction']}"),
         (s["save_every"] is None or s["save_every"] >= 1, f"--save-every must be >= 1, got {s['save_every']}"),
         (s["dist_timeout"] > 0, f"--dist-timeout must be > 0 minutes, got {s['dist_timeout']}"),
+        (s["max_bad_steps"] >= 1, f"--max-bad-steps must be >= 1, got {s['max_bad_steps']}"),
     ]
     for ok, message in checks:
         if not ok:
             raise RecipeError(message)
     parse_size(s["input_size"])
-    _parse_scale(s["crop_scale"])
+    parse_crop_scale(s["crop_scale"])
 
 
 def _labelled_data(s: dict[str, Any]) -> dict[str, Any]:
@@ -290,7 +244,7 @@ def _finetune(argv: Sequence[str] | None) -> int:
     explicit = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     first = resolve_settings(explicit)
     _validate(first)
-    if args.init and "model" not in explicit and "model" not in _from_backbone(args.init):
+    if args.init and "model" not in explicit and "model" not in backbone_header(args.init):
         raise RecipeError(
             f"'{args.init}' does not say which model it belongs to (no sparsify header); pass --model as well"
         )

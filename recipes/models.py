@@ -34,6 +34,7 @@ __all__ = [
     "parse_model_spec",
     "build_model",
     "default_drop_path",
+    "backbone_header",
     "load_state_dict_file",
     "load_init",
     "classifier_names",
@@ -318,6 +319,24 @@ def classifier_names(model: nn.Module) -> list[str]:
                     return [name]
     last = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     return last[-1:]
+
+
+def backbone_header(init: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """model / in_chans / input_size as written by ``export_backbone`` into a backbone file's header ({} if none)."""
+    if not init or not str(init).endswith(".safetensors"):
+        return {}
+    from sparsify.spark import backbone_metadata
+
+    meta = backbone_metadata(Path(init).expanduser())
+    found: dict[str, Any] = {}
+    if meta.get("model"):
+        found["model"] = meta["model"]
+    if isinstance(meta.get("in_chans"), int):
+        found["in_chans"] = meta["in_chans"]
+    if meta.get("input_size"):
+        h, w = meta["input_size"]
+        found["input_size"] = f"{h}x{w}"
+    return found
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -1,13 +1,19 @@
-"""Reporting of a pretraining run: console lines, reconstruction pictures, the final outputs and summary."""
+"""Reporting of a pretraining run: console lines, reconstruction pictures, the final outputs and summary.
+
+The functions read a run through :class:`PretrainRun`, the attributes they need, not through the loop's
+class: the loop (:mod:`.train_loop`) imports this module, never the other way round.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -17,10 +23,8 @@ from .logs import plot_loss_curve, read_metrics
 from .models import portable_model_spec
 from .optim import betas_for_norm
 
-if TYPE_CHECKING:
-    from .train_loop import Pretrainer
-
 __all__ = [
+    "PretrainRun",
     "say",
     "silent",
     "vis_batch",
@@ -35,7 +39,44 @@ __all__ = [
 RECON_COLUMNS = ("input", "masked", "reconstruction", "composite")
 
 
-def checkpoint_bytes(t: Pretrainer) -> int:
+class PretrainRun(Protocol):
+    """What the reporting functions read from a pretraining run (:class:`~.train_loop.Pretrainer` has it)."""
+
+    cfg: Any  # the run's PretrainConfig
+    env: dist_utils.DistEnv
+    out: Path
+    ckpt_dir: Path
+    resume_from: Path | None
+    spark: nn.Module
+    dataset: Any  # ImageFiles or SampleImages
+    data_desc: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    grid: tuple[int, int]
+    mask_ratio: float
+    visible: int
+    vis: tuple[torch.Tensor, torch.Tensor] | None
+    plan: Any  # batching.BatchPlan
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    peak_lr: float
+    norm_type: str
+    drop_path: float
+    workers: int
+    save_every: int
+    knn: Any  # knn.KnnMonitor or None
+    knn_history: list[tuple[int, float]]
+    skipped: Any  # data.SkipCounter
+    logger: Any  # logs.RunLogger or None
+    say: Callable[..., None]
+    save_reconstructions: Callable[..., Path]
+    export_backbone: Callable[..., Any]
+
+    def knn_schedule(self) -> str: ...
+
+
+def checkpoint_bytes(t: PretrainRun) -> int:
     """Approximate size of one checkpoint: parameters and buffers, plus the optimiser's two moments."""
     spark = dist_utils.unwrap(t.spark)
     params = sum(p.numel() * p.element_size() for p in spark.parameters())
@@ -58,7 +99,7 @@ def silent(message: str = "", file: Any = None) -> None:
     """``say`` on ranks other than 0."""
 
 
-def vis_batch(t: Pretrainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+def vis_batch(t: PretrainRun) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Fixed images and masks for the reconstruction pictures (the same at the start and the end)."""
     n = min(t.cfg.vis_images, len(t.dataset), 16)
     if n <= 0:
@@ -75,7 +116,7 @@ def vis_batch(t: Pretrainer) -> tuple[torch.Tensor, torch.Tensor] | None:
     return x, mask
 
 
-def write_reconstructions(t: Pretrainer, name: str) -> Path | None:
+def write_reconstructions(t: PretrainRun, name: str) -> Path | None:
     """Write a reconstruction grid to ``<out>/<name>`` (main process); a failure only warns."""
     if not t.env.is_main or t.vis is None:
         return None
@@ -101,7 +142,7 @@ def write_reconstructions(t: Pretrainer, name: str) -> Path | None:
     return path
 
 
-def finish_outputs(t: Pretrainer) -> dict[str, Path]:
+def finish_outputs(t: PretrainRun) -> dict[str, Path]:
     """Export the backbone, the final pictures and the loss curve; returns what was written."""
     written: dict[str, Path] = {}
     if not t.env.is_main:
@@ -127,7 +168,7 @@ def finish_outputs(t: Pretrainer) -> dict[str, Path]:
     return written
 
 
-def header(t: Pretrainer, start: int) -> None:
+def header(t: PretrainRun, start: int) -> None:
     """The lines printed before training: data, SparK geometry, schedule, hardware, run folder."""
     cfg = t.cfg
     procs = f"{t.env.world_size} processes" if t.env.distributed else "1 process"
@@ -175,7 +216,7 @@ def header(t: Pretrainer, start: int) -> None:
         )
 
 
-def summary(t: Pretrainer, outputs: dict[str, Path], losses: list[tuple[int, float]]) -> None:
+def summary(t: PretrainRun, outputs: dict[str, Path], losses: list[tuple[int, float]]) -> None:
     """The lines printed after training: the loss, skipped files, the outputs and how to load them."""
     if not t.env.is_main:
         return
