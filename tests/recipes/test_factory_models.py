@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from _recipe_helpers import FAST_PRETRAIN, run_pretrain
-
 from sparsify.recipes import finetune
 from sparsify.recipes.models import build_model, portable_model_spec
 
@@ -45,7 +44,8 @@ def test_a_kwargs_factory_is_built_alike_for_pretraining_and_fine_tuning(tmp_pat
     monkeypatch.chdir(_project(tmp_path / "proj"))
     plain = build_model("mycnn.py:my_cnn")
     asked = build_model("mycnn.py:my_cnn", num_classes=3, in_chans=3, drop_path=0.1)  # what fine-tuning asks
-    assert type(asked).__name__ == type(plain).__name__ == "MyCNN" and asked.fc.out_features == 3  # head resized, nothing refused
+    assert type(asked).__name__ == type(plain).__name__ == "MyCNN"
+    assert asked.fc.out_features == 3  # the head resized afterwards, nothing refused
     assert {k: v.shape for k, v in asked.state_dict().items() if not k.startswith("fc.")} == {
         k: v.shape for k, v in plain.state_dict().items() if not k.startswith("fc.")
     }

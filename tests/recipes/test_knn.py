@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sparsify.recipes.cli import RecipeError
 from sparsify.recipes.knn import KnnMonitor, knn_top1
 
