@@ -92,6 +92,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "tensorboard": True,
     "dist_timeout": 30.0,
     "knn_k": 20,
+    "save_minutes": 10.0,  # a short or killed run keeps what it did (the step interval alone may be 1000 steps)
 }
 
 #: How the peak learning rate follows the global batch B when --lr is not given.
@@ -169,6 +170,7 @@ class PretrainConfig:
     on_divergence: str = "stop"
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    save_minutes: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -280,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-every",
         type=int,
         help="checkpoint every N steps (default: every epoch, at most every 1000 steps, and at the end)",
+    )
+    r.add_argument(
+        "--save-minutes",
+        type=float,
+        help="also checkpoint when this many minutes passed since the last checkpoint (10; 0 = only by steps)",
     )
     r.add_argument("--keep", type=int, help="checkpoints to keep (0 = all)")
     r.add_argument("--log-every", type=int, help="write metrics every N steps")
@@ -452,6 +459,7 @@ def _validate(cfg: PretrainConfig) -> None:
         (cfg.max_rollbacks >= 1, f"--max-rollbacks must be >= 1, got {cfg.max_rollbacks}"),
         (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
         (cfg.save_every is None or cfg.save_every >= 1, f"--save-every must be >= 1, got {cfg.save_every}"),
+        (cfg.save_minutes >= 0, f"--save-minutes must be >= 0, got {cfg.save_minutes}"),
         (cfg.in_chans is None or cfg.in_chans >= 1, f"--in-chans must be >= 1, got {cfg.in_chans}"),
         (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}"),
     ]

@@ -84,6 +84,22 @@ def checkpoint_bytes(t: PretrainRun) -> int:
     return 3 * params + buffers
 
 
+def _checkpoint_contents(t: PretrainRun) -> str:
+    """What fills a checkpoint: the user's model is often the small part, SparK's decoder the large one."""
+    spark = dist_utils.unwrap(t.spark)
+    encoder = {id(p) for p in spark.encoder.parameters()}
+    mine = sum(p.numel() for p in spark.parameters() if id(p) in encoder)
+    spark_own = sum(p.numel() for p in spark.parameters() if id(p) not in encoder)
+    return (
+        f"{_count(mine)} parameters of your model and {_count(spark_own)} of SparK's decoder and densify layers "
+        f"(decoder width {t.cfg.decoder_width}; --decoder-width sets it), each with {t.cfg.opt}'s two moments"
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
 def _megabytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
@@ -200,10 +216,12 @@ def header(t: PretrainRun, start: int) -> None:
     )
     size = checkpoint_bytes(t)
     keep = "all" if cfg.keep == 0 else str(cfg.keep)
+    minutes = f" and every {cfg.save_minutes:g} minutes" if cfg.save_minutes else ""
     t.say(
-        f"  checkpoints: ~{_megabytes(size)} each (model and optimiser state), every {t.save_every} steps, "
+        f"  checkpoints: ~{_megabytes(size)} each (model and optimiser state), every {t.save_every} steps{minutes}, "
         f"keeping {keep}{f' (~{_megabytes(size * cfg.keep)})' if cfg.keep else ''}"
     )
+    t.say(f"    each holds {_checkpoint_contents(t)}")
     if t.knn is not None:
         t.say(f"  k-NN monitor: {t.knn.description} from '{cfg.knn_data}', k={cfg.knn_k}, {t.knn_schedule()}")
     if start:

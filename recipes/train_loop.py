@@ -325,8 +325,14 @@ class Pretrainer:
             self.save_every = min(1000, max(self.steps_per_epoch, 100))
 
     # ---- checkpoints
+    def save_due(self) -> bool:
+        """Whether ``--save-minutes`` passed since the last checkpoint (or the start of this run)."""
+        minutes = self.cfg.save_minutes
+        return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
+
     def save(self, step: int, defer: bool = False) -> Path | None:
         """Checkpoint ``step`` now, or (``defer``) hold it back until the next finite loss judges its weights."""
+        self._last_save = time.monotonic()
         rngs = dist_utils.all_gather_objects(ckpt.rng_state(self.mask_gen))
         bad = sorted(set().union(*dist_utils.all_gather_objects(sorted(self.skipped.paths))))
         path = None
@@ -533,6 +539,7 @@ class Pretrainer:
         step = start
         it = None
         t_last = time.perf_counter()
+        self._last_save = time.monotonic()  # --save-minutes counts from here
         with StopRequest(env.is_main) as stop:
             try:
                 while step < self.total_steps:
@@ -560,6 +567,8 @@ class Pretrainer:
                             self._buffers_nonfinite().to(self.flag_dtype),
                             (~torch.isfinite(grad_norm_t)).to(self.flag_dtype),
                             grad_norm_t.detach().to(self.flag_dtype),
+                            # the last entry: some rank's clock says a time-interval checkpoint is due
+                            torch.tensor(float(self.save_due()), dtype=self.flag_dtype, device=env.device),
                         ]
                     )
                     dist_utils.all_reduce_sum(flags)
@@ -645,7 +654,9 @@ class Pretrainer:
                     if step_done:
                         self.after_step(step, start)
                     stopping = vals[2] > 0
-                    periodic = (step % self.save_every == 0 or step == self.total_steps) and bad_streak == 0
+                    periodic = (
+                        step % self.save_every == 0 or step == self.total_steps or vals[-1] > 0
+                    ) and bad_streak == 0
                     if periodic or stopping:
                         # Held back until the next finite loss judges its weights, unless nothing comes after it.
                         self.save(step, defer=not stopping and step < self.total_steps)
