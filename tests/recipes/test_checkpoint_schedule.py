@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from _recipe_helpers import FAST_PRETRAIN, run_pretrain
-
 from sparsify.recipes.checkpoint import list_checkpoints
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from _recipe_helpers import TINY
 from safetensors.torch import save_file
-
 from sparsify.recipes import finetune
 from sparsify.recipes.models import build_model
 
