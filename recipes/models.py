@@ -97,8 +97,9 @@ def model_slug(text: str) -> str:
 
 
 def same_model_spec(a: str, b: str) -> bool:
-    """Whether two ``--model`` values name the same model (``timm:resnet18`` and ``resnet18`` do)."""
-    sa, sb = parse_model_spec(a), parse_model_spec(b)
+    """Whether two ``--model`` values name the same model (``timm:resnet18`` and ``resnet18`` do, and so do a
+    factory file's relative and absolute paths)."""
+    sa, sb = parse_model_spec(portable_model_spec(a)), parse_model_spec(portable_model_spec(b))
     return (sa.kind, sa.name) == (sb.kind, sb.name)
 
 

@@ -87,3 +87,15 @@ def test_factory_pretrains_and_fine_tunes_from_another_folder(
     err = capsys.readouterr().err
     assert "does not exist" in err and "pass --model" in err
     assert finetune.main([*common, "--model", f"{moved / 'other.py'}:my_cnn", "--out", "ft3"]) == 0
+
+
+def test_relative_and_absolute_factory_paths_name_the_same_model(tmp_path: Path, monkeypatch) -> None:
+    from sparsify.recipes.models import same_model_spec
+
+    monkeypatch.chdir(_project(tmp_path / "proj"))
+    absolute = portable_model_spec("mycnn.py:my_cnn")
+    assert absolute == f"{(tmp_path / 'proj' / 'mycnn.py').resolve()}:my_cnn"
+    assert same_model_spec("mycnn.py:my_cnn", absolute)
+    assert not same_model_spec("mycnn.py:other", absolute)
+    assert portable_model_spec("missing.py:f") == "missing.py:f"  # nothing to resolve: left as given
+    assert portable_model_spec("pkg.module:f") == "pkg.module:f" and same_model_spec("timm:resnet18", "resnet18")
