@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 256,
     "seed": 0,
     "keep": 2,
+    "save_minutes": 10.0,
     "tensorboard": True,
     "dist_timeout": 30.0,
     "max_bad_steps": 5,
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto' (continue from the newest checkpoint in the run folder), 'never', or a checkpoint file",
     )
     p.add_argument("--save-every", type=int, help="also checkpoint every N steps (default: every epoch only)")
+    p.add_argument(
+        "--save-minutes", type=float, help="also checkpoint when this many minutes passed since the last one (10)"
+    )
     p.add_argument("--keep", type=int, help="checkpoints to keep (0 = all; 2)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
     p.add_argument(
@@ -191,6 +195,7 @@ def _validate(s: dict[str, Any]) -> None:
         (s["batch_size"] >= 1, f"--batch-size must be >= 1, got {s['batch_size']}"),
         (0.0 < s["val_fraction"] < 1.0, f"--val-fraction must be in (0, 1), got {s['val_fraction']}"),
         (s["save_every"] is None or s["save_every"] >= 1, f"--save-every must be >= 1, got {s['save_every']}"),
+        (s["save_minutes"] >= 0, f"--save-minutes must be >= 0, got {s['save_minutes']}"),
         (s["dist_timeout"] > 0, f"--dist-timeout must be > 0 minutes, got {s['dist_timeout']}"),
         (s["max_bad_steps"] >= 1, f"--max-bad-steps must be >= 1, got {s['max_bad_steps']}"),
     ]

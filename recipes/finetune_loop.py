@@ -178,7 +178,13 @@ class Finetuner:
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
 
     # ---- checkpoints
+    def save_due(self) -> bool:
+        """Whether ``--save-minutes`` passed since the last checkpoint (or the start of the loop)."""
+        minutes = self.s.get("save_minutes") or 0
+        return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
+
     def save(self, step: int) -> Path | None:
+        self._last_save = time.monotonic()
         rngs = dist_utils.all_gather_objects(ckpt.rng_state())
         bad = sorted(set().union(*dist_utils.all_gather_objects(sorted(self.skipped.paths))))
         path = None
@@ -253,6 +259,7 @@ class Finetuner:
         step = start
         it = None
         t0 = time.perf_counter()
+        self._last_save = time.monotonic()  # --save-minutes counts from here
         code = EXIT_OK
         bad_streak = 0
         self.buffers = [b for b in self.model.buffers() if b.is_floating_point()]
@@ -298,14 +305,17 @@ class Finetuner:
                             )
                             code = EXIT_FAILED
                             break
-                    flag = torch.tensor([1.0 if stop.reason else 0.0])
+                    # [stop requested, --save-minutes passed] on some rank: every rank decides alike
+                    flag = torch.tensor([1.0 if stop.reason else 0.0, float(self.save_due())])
                     dist_utils.all_reduce_sum(flag)
-                    stopping = bool(flag.item() > 0)
+                    stopping = bool(flag[0].item() > 0)
                     if step % self.steps_per_epoch == 0 or step == self.total:
                         self.end_of_epoch(step, lr, time.perf_counter() - t0, logger, bar)
                         t0 = time.perf_counter()
                         _set_train_mode(self.model, s["linear_probe"], self.cls_names)
-                    periodic = (step % self.save_every == 0 or step == self.total) and bad_streak == 0
+                    periodic = (
+                        step % self.save_every == 0 or step == self.total or flag[1].item() > 0
+                    ) and bad_streak == 0
                     if periodic or stopping:
                         self.save(step)
                     if stopping:
@@ -437,6 +447,8 @@ class Finetuner:
             f"peak lr {self.peak:.3g} ({self.lr_rule}), wd {self.wd}, {s['precision']} on {self.env.device}; "
             f"out: {self.out}"
         )
+        minutes = f" and every {s['save_minutes']:g} minutes" if s.get("save_minutes") else ""
+        self.say(f"  checkpoints every {self.save_every} steps{minutes}, keeping {s['keep'] or 'all'}")
         if start:
             self.say(f"  resuming from {self.resume_from} at step {start}")
 

@@ -29,3 +29,16 @@ def test_time_interval_checkpoints_and_the_header(image_folder: Path, tmp_path: 
     code, stdout, err = run_pretrain([*common, "--save-minutes", "0", "--out", str(tmp_path / "off")], capsys)
     assert code == 0, err
     assert "every 1000 steps," in stdout and _steps(tmp_path / "off") == [3]
+
+
+def test_fine_tuning_saves_by_time_too(labelled_folder: Path, tmp_path: Path, capsys) -> None:
+    from _recipe_helpers import TINY
+    from sparsify.recipes import finetune
+
+    common = ["--data", str(labelled_folder), "--model", TINY, "--input-size", "32", "--batch-size", "4",
+              "--workers", "0", "--no-tensorboard", "--steps", "3", "--save-every", "1000", "--keep", "0"]  # fmt: skip
+    assert finetune.main([*common, "--out", str(tmp_path / "default")]) == 0
+    assert "checkpoints every 1000 steps and every 10 minutes" in capsys.readouterr().out
+    assert _steps(tmp_path / "default") == [3]
+    assert finetune.main([*common, "--save-minutes", "1e-9", "--out", str(tmp_path / "often")]) == 0
+    assert _steps(tmp_path / "often") == [1, 2, 3]
