@@ -39,7 +39,7 @@ from .models import backbone_header
 from .resume import check_resume
 from .run_folder import RunFolder
 
-__all__ = ["CenterCrop", "DEFAULTS", "build_parser", "main", "split_train_val"]
+__all__ = ["CenterCrop", "DEFAULTS", "build_parser", "label_subset", "main", "split_train_val"]
 
 PROG = "sparsify-finetune"
 
@@ -66,10 +66,33 @@ DEFAULTS: dict[str, Any] = {
     "max_bad_steps": 5,
 }
 # Settings that fix the saved state's shapes or meaning (no change on resume), and those noticed.
-FIXED_KEYS = ("model", "in_chans", "input_size", "linear_probe")
+FIXED_KEYS = ("model", "in_chans", "input_size", "linear_probe", "labels_per_class", "label_fraction")
 NOTICE_KEYS = ("batch_size", "seed", "base_lr", "lr", "lr_rule", "min_lr")
 #: the peak-lr rule when none is given (runs saved before the rule existed used the linear one)
 LR_RULE = "sqrt"
+
+
+def label_subset(
+    labels: Sequence[int], per_class: int | None = None, fraction: float | None = None, seed: int = 0
+) -> list[int]:
+    """Indices (sorted) of a stratified, seeded subset of labelled items.
+
+    ``per_class`` items of each class (all of a smaller class), or ``fraction`` of each class (rounded, at
+    least one). Each class is drawn in the order of its own seeded permutation, so for one seed a smaller
+    budget is contained in a larger one.
+    """
+    if (per_class is None) == (fraction is None):
+        raise ValueError("give exactly one of per_class and fraction")
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(int(lab), []).append(i)
+    keep: list[int] = []
+    for lab, idx in sorted(by_class.items()):
+        g = torch.Generator().manual_seed(sample_seed(seed, lab, -11))
+        order = [idx[int(j)] for j in torch.randperm(len(idx), generator=g)]
+        n = min(len(idx), per_class) if per_class is not None else max(1, round(len(idx) * float(fraction)))
+        keep += order[:n]
+    return sorted(keep)
 
 
 def split_train_val(
@@ -106,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder: one sub-folder per class (or train/ and val/ inside)")
     p.add_argument("--val", help="separate validation ImageFolder (default: DIR/val, else a split of --data)")
     p.add_argument("--val-fraction", type=float, help="share of each class held out when splitting (0.2)")
+    few = p.add_mutually_exclusive_group()
+    few.add_argument(
+        "--labels-per-class",
+        type=int,
+        help="train on N labelled images of each class only (a stratified subset drawn with --seed from the "
+        "training images; validation is unchanged); the subset's files are listed in <out>/train_subset.txt",
+    )
+    few.add_argument("--label-fraction", type=float, help="train on this fraction of each class only (as above)")
     p.add_argument(
         "--model",
         help="timm name, torchvision:NAME or package.module:function (default: the one named in the --init "
@@ -183,6 +214,8 @@ def resolve_settings(explicit: dict[str, Any], saved: dict[str, Any] | None = No
     merged.setdefault("in_chans", None)
     for key in ("steps", "base_lr", "min_lr", "lr", "weight_decay", "save_every", "workers", "device", "val", "init"):
         merged.setdefault(key, None)
+    merged.setdefault("labels_per_class", None)
+    merged.setdefault("label_fraction", None)
     if merged.get("lr_rule") is None:
         merged["lr_rule"] = LR_RULE
     return merged
@@ -197,6 +230,18 @@ def _validate(s: dict[str, Any]) -> None:
         (s["save_every"] is None or s["save_every"] >= 1, f"--save-every must be >= 1, got {s['save_every']}"),
         (s["save_minutes"] >= 0, f"--save-minutes must be >= 0, got {s['save_minutes']}"),
         (s["dist_timeout"] > 0, f"--dist-timeout must be > 0 minutes, got {s['dist_timeout']}"),
+        (
+            s["labels_per_class"] is None or s["labels_per_class"] >= 1,
+            f"--labels-per-class must be >= 1, got {s['labels_per_class']}",
+        ),
+        (
+            s["label_fraction"] is None or 0 < s["label_fraction"] <= 1,
+            f"--label-fraction must be in (0, 1], got {s['label_fraction']}",
+        ),
+        (
+            s["labels_per_class"] is None or s["label_fraction"] is None,
+            "give --labels-per-class or --label-fraction, not both",
+        ),
         (s["max_bad_steps"] >= 1, f"--max-bad-steps must be >= 1, got {s['max_bad_steps']}"),
     ]
     for ok, message in checks:
@@ -228,7 +273,20 @@ def _labelled_data(s: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError(f"train classes {classes} and validation classes {val_classes} differ")
     if not val_paths:
         raise RecipeError("no validation images: give each class at least two images, or pass --val DIR")
+    subset = None
+    if s["labels_per_class"] is not None or s["label_fraction"] is not None:
+        keep = label_subset(train_labels, s["labels_per_class"], s["label_fraction"], s["seed"])
+        budget = (
+            f"{s['labels_per_class']} per class"
+            if s["labels_per_class"] is not None
+            else f"{s['label_fraction']:g} of each class"
+        )
+        subset = (
+            f"a labelled subset of {len(keep)} of the {len(train_paths)} training images ({budget}, seed {s['seed']})"
+        )
+        train_paths, train_labels = [train_paths[i] for i in keep], [train_labels[i] for i in keep]
     return {
+        "subset": subset,
         "train": (train_paths, train_labels),
         "val": (val_paths, val_labels),
         "classes": classes,
@@ -285,6 +343,9 @@ def _locked_finetune(args: Any, explicit: dict[str, Any], folder: RunFolder, mai
     _validate(s)
     s["out"] = str(folder.out)
     data = _labelled_data(s)
+    if data["subset"] and main_process:  # which images the run trained on, to repeat or compare it
+        lines = [f"{data['classes'][lab]}\t{path}" for path, lab in zip(*data["train"])]
+        (folder.out / "train_subset.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = dist_utils.setup(s["device"], timeout_minutes=s["dist_timeout"])
     try:
         return Finetuner(s, env, folder, data, resume_path, state).run()

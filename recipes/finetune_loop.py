@@ -436,6 +436,8 @@ class Finetuner:
             f"{PROG}: {mode} of {s['model']} on {len(self.data['classes'])} classes: {len(train)} training images, "
             f"{len(val)} validation images ({self.data['val_split']}), {format_size(self.size)} px"
         )
+        if self.data.get("subset"):
+            self.say(f"  training on {self.data['subset']}; files listed in {self.out / 'train_subset.txt'}")
         if s["init"]:
             fresh = ", ".join(self.fresh) if self.fresh else "nothing"
             self.say(f"  initialised from {s['init']}; newly initialised: {fresh}")

@@ -13,7 +13,7 @@ from sparsify.recipes import checkpoint as ckpt
 from sparsify.recipes import finetune, finetune_loop
 
 ARGS = ["--model", TINY, "--input-size", "32", "--batch-size", "4", "--workers", "0", "--no-tensorboard",
-        "--warmup", "0", "--base-lr", "0.3", "--save-every", "1", "--keep", "0"]  # fmt: skip
+        "--warmup", "0", "--lr", "0.02", "--save-every", "1", "--keep", "0"]  # fmt: skip
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None, after: int | None = None) -> None:
@@ -60,7 +60,7 @@ def test_nonfinite_streak_stops_naming_the_checkpoint_and_a_lower_lr(
     _, stderr = capsys.readouterr()
     assert code == 1
     assert "the loss was not finite for 3 steps in a row (steps 3-5); stopping" in stderr
-    assert "ckpt-00000002.pt" in stderr and "--lr 0.000469" in stderr, stderr  # peak 0.3 x 4/256 = 0.00469, 10x lower
+    assert "ckpt-00000002.pt" in stderr and "peak is 0.02; e.g. --lr 0.002" in stderr, stderr
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [1, 2]
     monkeypatch.undo()
     assert finetune.main(args) == 0  # the same command resumes from step 2 and finishes
