@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "model_slug",
     "same_model_spec",
     "portable_model_spec",
+    "wrap_for_command_line",
 ]
 
 # Drop-path rates of the SparK paper's pretraining recipe (design.md section 7).
@@ -135,6 +137,20 @@ def portable_model_spec(text: str) -> str:
         return text
     path = Path(module_name).expanduser()
     return f"{path.resolve()}:{attr}" if path.is_file() else text
+
+
+def wrap_for_command_line(wrap: Callable[..., Any], model: nn.Module, input_size: tuple[int, int]) -> Any:
+    """``wrap(model, input_size=...)`` with its refusals phrased for the recipes' flags.
+
+    The library checks the size against the network's total stride before anything else and says which
+    sizes fit; on the command line that size is ``--input-size``, so the message names the flag.
+    """
+    from sparsify.errors import SparsifyError
+
+    try:
+        return wrap(model, input_size=input_size)
+    except SparsifyError as err:
+        raise RecipeError(re.sub(r"\binput_size\b", "--input-size", str(err))) from err
 
 
 def _call_factory(

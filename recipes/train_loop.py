@@ -40,7 +40,7 @@ from .data import (
 from .divergence import LossHealth, cpu_copy
 from .knn import KnnMonitor
 from .logs import RunLogger, progress
-from .models import build_model, default_drop_path, head_prefixes, load_init
+from .models import build_model, default_drop_path, head_prefixes, load_init, wrap_for_command_line
 from .optim import create_optimizer, param_groups, set_lr_and_wd
 from .run_folder import RunFolder, release_inherited_locks
 from .schedules import lr_at, peak_lr, wd_at
@@ -260,7 +260,7 @@ class Pretrainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.env.device)
         self.user_model = model
-        enc = wrap(model, input_size=cfg.input_size)
+        enc = wrap_for_command_line(wrap, model, cfg.input_size)  # a size that does not fit: the library's words
         r = int(enc.downsample_ratio)
         h, w = cfg.input_size
         if h % r or w % r:

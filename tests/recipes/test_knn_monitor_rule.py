@@ -65,3 +65,25 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path: Path,
     (runs / "mine" / "notes.txt").write_text("keep me")
     code, _, _ = run_pretrain(["--data", str(images), *flags, "--steps", "1", "--out", str(runs / "mine")], capsys)
     assert code == 2 and (runs / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_the_librarys_size_message_reaches_the_command_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The library checks a size against the network's total stride first; the recipe shows that message."""
+    import sparsify
+    from sparsify.errors import SparsifyError
+
+    said = ("input_size 60x60 is not a multiple of TinyCNN's downsample ratio 16 (the stride of its last "
+            "stage, which is also the mask patch size); use e.g. 48x48 or 64x64")  # fmt: skip
+
+    def refuse(model, input_size, **kwargs):
+        assert tuple(input_size) == (60, 60)
+        raise SparsifyError(said)
+
+    monkeypatch.setattr(sparsify, "wrap", refuse)
+    images = make_image_folder(tmp_path / "images", n=4, corrupt=0)
+    flags = list(FAST_PRETRAIN)
+    flags[flags.index("--input-size") + 1] = "60"
+    code, _, err = run_pretrain(["--data", str(images), *flags, "--steps", "1", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert err.strip() == "sparsify-pretrain: error: " + said.replace("input_size", "--input-size")
+    assert not (tmp_path / "r").exists()
