@@ -15,6 +15,15 @@ re-estimated on the training half for both networks, so only the weights differ.
     python -m benchmarks.learning                      # 3 seeds, 300 steps: a few minutes on 2 CPU cores
     python -m benchmarks.learning --seeds 0 1 2 3 4 --steps 600 --json learning.json
 
+``--finetune`` asks the question a user with few labels asks instead: does fine-tuning from the SparK
+checkpoint beat training from scratch? Per seed, pretrain once on all training images (labels unused),
+then fine-tune the whole network (stem to ``layer2``, global pool, a new linear head) from the
+pretrained weights and from the same seed's random initialisation, with the same recipe and budget,
+on stratified labelled subsets of the training half (``--label-budgets``, images per class, drawn by
+``sparsify-finetune``'s own :func:`label_subset`; 0 = all), and score top-1 on the held-out half.
+
+    python -m benchmarks.learning --finetune --seeds 0 1 2 --label-budgets 5 20 --threads 1
+
 Needs scikit-learn (``pip install -e '.[bench]'``).
 """
 
@@ -30,6 +39,7 @@ from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+from sparsify.recipes.finetune import label_subset
 from sparsify.recipes.knn import knn_top1
 from sparsify.recipes.optim import create_optimizer, param_groups, set_lr_and_wd
 from sparsify.recipes.schedules import lr_at, wd_at
@@ -64,12 +74,17 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def _build(seed: int, size: int, decoder_width: int) -> sparsify.SparK:
+    return _build_with_model(seed, size, decoder_width)[0]
+
+
+def _build_with_model(seed: int, size: int, decoder_width: int) -> tuple[sparsify.SparK, torch.nn.Module]:
+    """SparK around timm resnet18 (one channel) cut at layer2, and the model itself (it shares the weights)."""
     import timm
 
     torch.manual_seed(seed)
     model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=0)
     enc = sparsify.wrap(model, input_size=(size, size), stages=["layer1_1_act2", "layer2_1_act2"])
-    return sparsify.SparK(enc, mask_ratio=0.6, decoder_width=decoder_width)
+    return sparsify.SparK(enc, mask_ratio=0.6, decoder_width=decoder_width), model
 
 
 @torch.no_grad()
@@ -113,6 +128,21 @@ def run_seed(seed: int, args: argparse.Namespace, data: tuple[torch.Tensor, ...]
     x_tr, y_tr, x_te, y_te = data
     spark = _build(seed, args.size, args.decoder_width)
     before = _probe(*_pair(_features(spark, x_tr, x_te), y_tr, y_te))
+    values, seconds = _pretrain(spark, x_tr, seed, args)
+    after = _probe(*_pair(_features(spark, x_tr, x_te), y_tr, y_te))
+    head, tail = values[: min(20, len(values))], values[-min(20, len(values)) :]
+    return {
+        "seed": seed,
+        "random_init": before,
+        "pretrained": after,
+        "loss_first20": sum(head) / len(head),
+        "loss_last20": sum(tail) / len(tail),
+        "pretrain_seconds": seconds,
+    }
+
+
+def _pretrain(spark: sparsify.SparK, x_tr: torch.Tensor, seed: int, args: argparse.Namespace) -> tuple[list, float]:
+    """SparK-pretrain in place on ``x_tr`` (labels unused); returns (losses, seconds)."""
     groups = param_groups(spark.named_parameters(), 0.04)
     opt = create_optimizer(groups, lr=args.lr, weight_decay=0.04, norm_type=spark.encoder.norm_type, opt="lamb")
     g = torch.Generator().manual_seed(seed + 17)
@@ -130,17 +160,88 @@ def run_seed(seed: int, args: argparse.Namespace, data: tuple[torch.Tensor, ...]
         opt.step()
         losses.append(loss.detach())
     seconds = time.perf_counter() - t0
-    values = torch.stack(losses).tolist()  # one host read for the whole run
-    after = _probe(*_pair(_features(spark, x_tr, x_te), y_tr, y_te))
-    head, tail = values[: min(20, len(values))], values[-min(20, len(values)) :]
-    return {
-        "seed": seed,
-        "random_init": before,
-        "pretrained": after,
-        "loss_first20": sum(head) / len(head),
-        "loss_last20": sum(tail) / len(tail),
-        "pretrain_seconds": seconds,
-    }
+    return torch.stack(losses).tolist(), seconds  # one host read for the whole run
+
+
+def _classifier(model: torch.nn.Module, classes: int, seed: int) -> torch.nn.Module:
+    """The network SparK trained (resnet18's stem to layer2), a global average pool and a new linear head."""
+    torch.manual_seed(seed + 99)  # the same head for both arms
+    parts = [model.conv1, model.bn1, model.act1, model.maxpool, model.layer1, model.layer2]
+    head = torch.nn.Linear(model.layer2[-1].conv2.out_channels, classes)
+    return torch.nn.Sequential(*parts, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
+
+
+def _finetune(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, seed: int,
+    args: argparse.Namespace,
+) -> float:  # fmt: skip
+    """Fine-tune every layer with sparsify-finetune's recipe (AdamW, wd 0.05 except 1-D params, label smoothing
+    0.1, warm-up then cosine, grad clip 5) for ``args.ft_steps`` steps; returns top-1 on the test images."""
+    groups = param_groups(net.named_parameters(), 0.05)
+    opt = torch.optim.AdamW(groups, lr=args.ft_lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(seed + 31)
+    warmup = max(1, args.ft_steps // 10)
+    net.train()
+    for step in range(args.ft_steps):
+        set_lr_and_wd(opt, lr_at(step, args.ft_steps, args.ft_lr, warmup), 0.05)
+        idx = torch.randint(0, len(x), (min(args.ft_batch, len(x)),), generator=g)
+        loss = F.cross_entropy(net(_augment(x[idx], g)), y[idx], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(x_te[lo : lo + 512]).argmax(1) for lo in range(0, len(x_te), 512)])
+    return float((pred == y_te).float().mean())
+
+
+def run_finetune_seed(seed: int, args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> dict:
+    """Pretrain once; fine-tune pretrained and random-init copies at every label budget."""
+    import copy
+
+    x_tr, y_tr, x_te, y_te = data
+    spark, model = _build_with_model(seed, args.size, args.decoder_width)
+    random_init = copy.deepcopy(model)  # the same seed's initial weights, before pretraining
+    values, seconds = _pretrain(spark, x_tr, seed, args)
+    head, tail = values[:20], values[-20:]
+    row: dict = {"seed": seed, "loss_first20": sum(head) / len(head), "loss_last20": sum(tail) / len(tail)}
+    row.update(pretrain_seconds=seconds, budgets={})
+    classes = int(y_tr.max()) + 1
+    for budget in args.label_budgets:
+        keep = list(range(len(y_tr))) if budget == 0 else label_subset(y_tr.tolist(), per_class=budget, seed=seed)
+        x, y = x_tr[keep], y_tr[keep]
+        t0 = time.perf_counter()
+        arms = {}
+        for arm, source in (("random_init", random_init), ("pretrained", model)):
+            net = _classifier(copy.deepcopy(source), classes, seed)
+            arms[arm] = _finetune(net, x, y, x_te, y_te, seed, args)
+        arms["images"] = len(keep)
+        arms["seconds"] = time.perf_counter() - t0
+        row["budgets"][str(budget)] = arms
+        print(
+            f"seed {seed}, {budget or 'all'} labels per class ({len(keep)} images): "
+            f"scratch {100 * arms['random_init']:.1f}%, pretrained {100 * arms['pretrained']:.1f}% "
+            f"({arms['seconds']:.0f} s)",
+            flush=True,
+        )
+    return row
+
+
+def _finetune_report(rows: list[dict], args: argparse.Namespace) -> dict:
+    table = {}
+    print("\n| labels per class | from scratch top-1 % | SparK-pretrained top-1 % | gain, paired by seed (points) |")
+    print("|---|---|---|---|")
+    for budget in args.label_budgets:
+        key = str(budget)
+        scratch = [r["budgets"][key]["random_init"] for r in rows]
+        pre = [r["budgets"][key]["pretrained"] for r in rows]
+        gain = [b - a for a, b in zip(scratch, pre)]
+        table[key] = {"scratch": _mean_std(scratch), "pretrained": _mean_std(pre), "gain": _mean_std(gain)}
+        images = rows[0]["budgets"][key]["images"]
+        label = f"{budget} ({images} images)" if budget else f"all ({images} images)"
+        print(f"| {label} | {table[key]['scratch']} | {table[key]['pretrained']} | {table[key]['gain']} |")
+    return table
 
 
 def _pair(feats: tuple[torch.Tensor, torch.Tensor], y_tr: torch.Tensor, y_te: torch.Tensor):
@@ -164,6 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--limit", type=int, default=None, help="use at most N images of each half (smoke tests)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--finetune", action="store_true", help="low-label fine-tuning instead of frozen-feature probes")
+    p.add_argument("--label-budgets", type=int, nargs="+", default=[5, 20, 0], help="labels per class (0 = all)")
+    p.add_argument("--ft-steps", type=int, default=150, help="fine-tuning steps per arm and budget")
+    p.add_argument("--ft-batch", type=int, default=32)
+    p.add_argument("--ft-lr", type=float, default=1e-3, help="peak AdamW learning rate of fine-tuning")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,6 +280,24 @@ def main(argv: list[str] | None = None) -> dict:
         data = tuple(t[: args.limit] for t in data)
     rows = []
     t0 = time.perf_counter()
+    if args.finetune:
+        rows = [run_finetune_seed(seed, args, data) for seed in args.seeds]
+        result = {
+            "config": vars(args),
+            "rows": rows,
+            "table": _finetune_report(rows, args),
+            "total_seconds": time.perf_counter() - t0,
+            "torch": torch.__version__,
+            "machine": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "load_average": list(__import__("os").getloadavg()),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        print(f"total {result['total_seconds']:.0f} s on {result['threads']} threads")
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+        return result
     for seed in args.seeds:
         row = run_seed(seed, args, data)
         rows.append(row)

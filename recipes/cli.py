@@ -22,6 +22,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "RecipeError",
     "parse_size",
+    "parse_crop_scale",
     "format_size",
     "run_main",
     "warn",
@@ -62,6 +63,24 @@ def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
     if len(values) != 2 or min(values) <= 0:
         raise RecipeError(f"input size must be one positive integer or HxW (e.g. 224 or 192x256), got {text!r}")
     return values[0], values[1]
+
+
+def parse_crop_scale(text: str | Sequence[float]) -> tuple[float, float]:
+    """Parse a RandomResizedCrop area range ``"0.08,1"`` (or a pair) into ``(min, max)``.
+
+    Raises:
+        RecipeError: unless it is two numbers with 0 < min <= max <= 1.
+    """
+    if isinstance(text, (list, tuple)):
+        vals = [float(v) for v in text]
+    else:
+        try:
+            vals = [float(v) for v in str(text).replace(" ", "").split(",")]
+        except ValueError:
+            vals = []
+    if len(vals) != 2 or not 0.0 < vals[0] <= vals[1] <= 1.0:
+        raise RecipeError(f"--crop-scale must be 'min,max' with 0 < min <= max <= 1, got {text!r}")
+    return vals[0], vals[1]
 
 
 def format_size(size: tuple[int, int]) -> str:

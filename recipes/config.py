@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .cli import RecipeError, parse_size
+from .cli import RecipeError, parse_crop_scale, parse_size
 
 __all__ = [
     "PROG",
@@ -82,12 +82,17 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "opt": "lamb",
     "crop_scale": "0.67,1",
     "max_bad_steps": 5,
+    "spike_factor": 4.0,
+    "on_divergence": "stop",
+    "rollback_lr_factor": 0.5,
+    "max_rollbacks": 3,
     "log_every": 1,
     "vis_images": 8,
     "sample_length": 576,
     "tensorboard": True,
     "dist_timeout": 30.0,
     "knn_k": 20,
+    "save_minutes": 10.0,  # a short or killed run keeps what it did (the step interval alone may be 1000 steps)
 }
 
 #: How the peak learning rate follows the global batch B when --lr is not given.
@@ -95,6 +100,16 @@ LR_RULES = {
     "linear": "lr = base-lr x B/256 (the paper's rule)",
     "sqrt": "lr = base-lr x sqrt(B/256) (square-root scaling)",
 }
+#: the healthy-loss and good-checkpoint rule (recipes/divergence.py), for --help
+DIVERGENCE_TEXT = (
+    "A step's loss is healthy when it is finite and at most --spike-factor times the median of the last 20 "
+    "healthy losses. A bad step (loss not healthy, or non-finite gradients or BatchNorm statistics) is skipped: "
+    "no update, BatchNorm statistics restored. A checkpoint is written only after the loss of its own weights "
+    "(the next step's) was found healthy, so every checkpoint in the run folder is good and --resume auto "
+    "continues from the newest (checkpoints written at a stop or at the end are written as they are). "
+    "--max-bad-steps bad steps in a row are divergence."
+)
+
 #: applied after either rule
 LR_FLOOR_TEXT = "then at least --min-lr (1e-3 by default with --data, 0 in the paper and demo presets)"
 
@@ -151,6 +166,11 @@ class PretrainConfig:
     knn_every: int | None = None
     knn_k: int = 20
     vis_every: int | None = None
+    spike_factor: float = 4.0
+    on_divergence: str = "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    save_minutes: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -263,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="checkpoint every N steps (default: every epoch, at most every 1000 steps, and at the end)",
     )
+    r.add_argument(
+        "--save-minutes",
+        type=float,
+        help="also checkpoint when this many minutes passed since the last checkpoint (10; 0 = only by steps)",
+    )
     r.add_argument("--keep", type=int, help="checkpoints to keep (0 = all)")
     r.add_argument("--log-every", type=int, help="write metrics every N steps")
     r.add_argument("--vis-images", type=int, help="images in the reconstruction grids (0 = none)")
@@ -275,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--knn-data",
         help="labelled ImageFolder (one sub-folder per class, or train/ and val/ inside; a few hundred images): "
-        "k-NN top-1 of the pooled features at step 0, every --knn-every steps and at the end",
+        "k-NN top-1 of the pooled features at step 0, every --knn-every steps and at the end. BatchNorm "
+        "statistics are re-estimated on these images before each evaluation (the run's own are kept), so the "
+        "score depends on the weights alone",
     )
     k.add_argument(
         "--knn-every",
@@ -283,8 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="k-NN evaluation interval in steps (default: measured, so that it costs under 2%% of training time)",
     )
     k.add_argument("--knn-k", type=int, help="neighbours of the k-NN vote (20)")
-    r.add_argument("--max-bad-steps", type=int, help="stop after this many non-finite losses in a row")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
+    v = p.add_argument_group("divergence", DIVERGENCE_TEXT)
+    v.add_argument(
+        "--spike-factor",
+        type=float,
+        help="a finite loss above this many times the median of the last 20 healthy losses is a spike (4; 0 = off)",
+    )
+    v.add_argument(
+        "--max-bad-steps", type=int, help="bad steps (non-finite or spiking loss) in a row that mean divergence (5)"
+    )
+    v.add_argument(
+        "--on-divergence",
+        choices=["stop", "rollback"],
+        help="stop (default): end the run naming the checkpoint to resume from and the flag to change; "
+        "rollback: reload the newest checkpoint, scale the lr down, skip the batches since it, go on",
+    )
+    v.add_argument("--rollback-lr-factor", type=float, help="lr multiplier per rollback (0.5)")
+    v.add_argument("--max-rollbacks", type=int, help="give up after this many rollbacks in one run (3)")
     r.add_argument(
         "--dist-timeout",
         type=float,
@@ -320,19 +363,6 @@ def _epilog() -> str:
     lines.append("  torchrun --nproc-per-node 8 -m sparsify.recipes.pretrain --data /imagenet/train \\")
     lines.append("      --precision bf16 --channels-last --compile")
     return "\n".join(lines)
-
-
-def _parse_scale(text: Any) -> tuple[float, float]:
-    if isinstance(text, (list, tuple)):
-        vals = [float(v) for v in text]
-    else:
-        try:
-            vals = [float(v) for v in str(text).replace(" ", "").split(",")]
-        except ValueError:
-            vals = []
-    if len(vals) != 2 or not 0.0 < vals[0] <= vals[1] <= 1.0:
-        raise RecipeError(f"--crop-scale must be 'min,max' with 0 < min <= max <= 1, got {text!r}")
-    return vals[0], vals[1]
 
 
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -381,7 +411,7 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
         merged["warmup"] = PRESETS["paper"]["warmup"]
     merged["preset"] = preset
     merged["input_size"] = parse_size(merged["input_size"])
-    merged["crop_scale"] = _parse_scale(merged["crop_scale"])
+    merged["crop_scale"] = parse_crop_scale(merged["crop_scale"])
     merged["out"] = str(merged.get("out") or default_out(explicit))
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     values = {k: merged.get(k) for k in fields}
@@ -414,8 +444,22 @@ def _validate(cfg: PretrainConfig) -> None:
         (cfg.decoder_width >= 1, f"--decoder-width must be >= 1, got {cfg.decoder_width}"),
         (cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
         (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
+        (
+            cfg.spike_factor == 0 or cfg.spike_factor > 1,
+            f"--spike-factor must be > 1 (or 0 = off), got {cfg.spike_factor}",
+        ),
+        (
+            cfg.on_divergence in ("stop", "rollback"),
+            f"--on-divergence must be stop or rollback, got {cfg.on_divergence!r}",
+        ),
+        (
+            0 < cfg.rollback_lr_factor < 1,
+            f"--rollback-lr-factor must be in (0, 1), got {cfg.rollback_lr_factor}",
+        ),
+        (cfg.max_rollbacks >= 1, f"--max-rollbacks must be >= 1, got {cfg.max_rollbacks}"),
         (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
         (cfg.save_every is None or cfg.save_every >= 1, f"--save-every must be >= 1, got {cfg.save_every}"),
+        (cfg.save_minutes >= 0, f"--save-minutes must be >= 0, got {cfg.save_minutes}"),
         (cfg.in_chans is None or cfg.in_chans >= 1, f"--in-chans must be >= 1, got {cfg.in_chans}"),
         (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}"),
     ]

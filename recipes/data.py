@@ -312,6 +312,34 @@ class RandomResizedCropFlip:
         return (out - self.mean) / self.std
 
 
+class CenterCrop:
+    """Evaluation transform: resize so the crop is ``crop_ratio`` of the short side, centre-crop."""
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        crop_ratio: float = 0.875,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.size = size
+        self.crop_ratio = crop_ratio
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        th, tw = self.size
+        scale = max(th / (h * self.crop_ratio), tw / (w * self.crop_ratio))
+        nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
+        out = torch.nn.functional.interpolate(
+            img.unsqueeze(0), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+        )
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        out = out[0, :, top : top + th, left : left + tw].clamp(0.0, 1.0)
+        return (out - self.mean) / self.std
+
+
 class _EpochDataset(Dataset):
     """Base: per-sample generators from (seed, epoch, index); ``set_epoch`` before each epoch."""
 

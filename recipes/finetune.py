@@ -5,10 +5,13 @@ backbone (``--init runs/<name>/backbone.safetensors``), and reports top-1 (and t
 validation images after every epoch. Only the classification head may be missing from the backbone
 file; any other mismatch is an error.
 
-* Fine-tuning (default): AdamW, lr = base-lr x batch/256, warm-up then cosine, label smoothing 0.1,
-  RandomResizedCrop + flip augmentation, no weight decay on 1-D parameters and biases.
+* Fine-tuning (default): AdamW, warm-up then cosine, label smoothing 0.1, RandomResizedCrop + flip
+  augmentation, no weight decay on 1-D parameters and biases.
 * Linear probing (``--linear-probe``): the backbone is frozen (BatchNorm statistics included) and only
   the classifier is trained, with SGD + momentum.
+* Peak lr: the square-root rule, ``base-lr x sqrt(batch/256)``, at least ``--min-lr`` (base 1e-3 and
+  floor 1e-4 fine-tuning, 0.1 and 0.01 linear probing). The linear rule (``--lr-rule linear``) gave
+  3.1e-5 at batch 8, with which accuracy stayed flat; the rule and the value are printed in the header.
 
 Validation data: ``DIR/val`` when ``DIR/train`` and ``DIR/val`` exist, else ``--val DIR``, else a
 deterministic per-class split of ``--val-fraction`` of the images.
@@ -29,14 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .cli import EXIT_INTERRUPTED, RecipeError, parse_size, quiet_known_warnings, run_main
-from .data import IMAGENET_MEAN, IMAGENET_STD, find_labelled_images, sample_seed
+from .cli import EXIT_INTERRUPTED, EXIT_OK, RecipeError, parse_crop_scale, parse_size, quiet_known_warnings, run_main
+from .data import CenterCrop, find_labelled_images, sample_seed
+from .models import backbone_header
 from .resume import check_resume
 from .run_folder import RunFolder
 
-__all__ = ["CenterCrop", "DEFAULTS", "build_parser", "main", "split_train_val"]
+__all__ = ["CenterCrop", "DEFAULTS", "build_parser", "label_subset", "main", "split_train_val"]
 
 PROG = "sparsify-finetune"
 
@@ -57,38 +60,39 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 256,
     "seed": 0,
     "keep": 2,
+    "save_minutes": 10.0,
     "tensorboard": True,
     "dist_timeout": 30.0,
+    "max_bad_steps": 5,
 }
 # Settings that fix the saved state's shapes or meaning (no change on resume), and those noticed.
-FIXED_KEYS = ("model", "in_chans", "input_size", "linear_probe")
-NOTICE_KEYS = ("batch_size", "seed", "base_lr", "lr")
+FIXED_KEYS = ("model", "in_chans", "input_size", "linear_probe", "labels_per_class", "label_fraction")
+NOTICE_KEYS = ("batch_size", "seed", "base_lr", "lr", "lr_rule", "min_lr")
+#: the peak-lr rule when none is given (runs saved before the rule existed used the linear one)
+LR_RULE = "sqrt"
 
 
-class CenterCrop:
-    """Evaluation transform: resize so the crop is ``crop_ratio`` of the short side, centre-crop."""
+def label_subset(
+    labels: Sequence[int], per_class: int | None = None, fraction: float | None = None, seed: int = 0
+) -> list[int]:
+    """Indices (sorted) of a stratified, seeded subset of labelled items.
 
-    def __init__(
-        self,
-        size: tuple[int, int],
-        crop_ratio: float = 0.875,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        self.size = size
-        self.crop_ratio = crop_ratio
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        th, tw = self.size
-        scale = max(th / (h * self.crop_ratio), tw / (w * self.crop_ratio))
-        nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
-        out = F.interpolate(img.unsqueeze(0), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        out = out[0, :, top : top + th, left : left + tw].clamp(0.0, 1.0)
-        return (out - self.mean) / self.std
+    ``per_class`` items of each class (all of a smaller class), or ``fraction`` of each class (rounded, at
+    least one). Each class is drawn in the order of its own seeded permutation, so for one seed a smaller
+    budget is contained in a larger one.
+    """
+    if (per_class is None) == (fraction is None):
+        raise ValueError("give exactly one of per_class and fraction")
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(int(lab), []).append(i)
+    keep: list[int] = []
+    for lab, idx in sorted(by_class.items()):
+        g = torch.Generator().manual_seed(sample_seed(seed, lab, -11))
+        order = [idx[int(j)] for j in torch.randperm(len(idx), generator=g)]
+        n = min(len(idx), per_class) if per_class is not None else max(1, round(len(idx) * float(fraction)))
+        keep += order[:n]
+    return sorted(keep)
 
 
 def split_train_val(
@@ -125,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder: one sub-folder per class (or train/ and val/ inside)")
     p.add_argument("--val", help="separate validation ImageFolder (default: DIR/val, else a split of --data)")
     p.add_argument("--val-fraction", type=float, help="share of each class held out when splitting (0.2)")
+    few = p.add_mutually_exclusive_group()
+    few.add_argument(
+        "--labels-per-class",
+        type=int,
+        help="train on N labelled images of each class only (a stratified subset drawn with --seed from the "
+        "training images; validation is unchanged); the subset's files are listed in <out>/train_subset.txt",
+    )
+    few.add_argument("--label-fraction", type=float, help="train on this fraction of each class only (as above)")
     p.add_argument(
         "--model",
         help="timm name, torchvision:NAME or package.module:function (default: the one named in the --init "
@@ -143,8 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (100)")
     p.add_argument("--steps", type=int, help="training length in optimiser steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, help="global batch size (256)")
-    p.add_argument("--base-lr", type=float, help="lr per 256 images (default 1e-3 fine-tune, 0.1 linear probe)")
-    p.add_argument("--lr", type=float, help="absolute peak learning rate (overrides --base-lr)")
+    p.add_argument(
+        "--lr-rule",
+        choices=["sqrt", "linear"],
+        help="peak lr = max(base-lr x sqrt(batch/256), min-lr) (sqrt, default: learns at small batches) or "
+        "max(base-lr x batch/256, min-lr) (linear)",
+    )
+    p.add_argument("--base-lr", type=float, help="lr at batch 256 (default 1e-3 fine-tune, 0.1 linear probe)")
+    p.add_argument("--min-lr", type=float, help="floor of the peak lr (default 1e-4 fine-tune, 0.01 linear probe)")
+    p.add_argument("--lr", type=float, help="absolute peak learning rate (overrides the rule)")
     p.add_argument("--warmup", type=float, help="warm-up epochs (5)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default 0.05 fine-tune, 0 linear probe)")
     p.add_argument("--label-smoothing", type=float, help="label smoothing (0.1)")
@@ -164,55 +183,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto' (continue from the newest checkpoint in the run folder), 'never', or a checkpoint file",
     )
     p.add_argument("--save-every", type=int, help="also checkpoint every N steps (default: every epoch only)")
+    p.add_argument(
+        "--save-minutes", type=float, help="also checkpoint when this many minutes passed since the last one (10)"
+    )
     p.add_argument("--keep", type=int, help="checkpoints to keep (0 = all; 2)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
     p.add_argument(
         "--dist-timeout", type=float, help="minutes a process waits for the others before the run fails (30)"
     )
+    p.add_argument(
+        "--max-bad-steps",
+        type=int,
+        help="a step whose loss, gradients or BatchNorm statistics are not finite is skipped (no update, BatchNorm "
+        "statistics restored); stop after this many in a row (5)",
+    )
     return p
-
-
-def _parse_scale(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in str(text).split(","))
-    except ValueError as err:
-        raise RecipeError(f"--crop-scale must be 'min,max', got {text!r}") from err
-    if not 0 < lo <= hi <= 1:
-        raise RecipeError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {text!r}")
-    return lo, hi
-
-
-def _from_backbone(init: str | None) -> dict[str, Any]:
-    """model / in_chans / input_size as written by ``export_backbone`` into the --init file's header."""
-    if not init or not str(init).endswith(".safetensors"):
-        return {}
-    from sparsify.spark import backbone_metadata
-
-    meta = backbone_metadata(Path(init).expanduser())
-    found: dict[str, Any] = {}
-    if meta.get("model"):
-        found["model"] = meta["model"]
-    if isinstance(meta.get("in_chans"), int):
-        found["in_chans"] = meta["in_chans"]
-    if meta.get("input_size"):
-        h, w = meta["input_size"]
-        found["input_size"] = f"{h}x{w}"
-    return found
 
 
 def resolve_settings(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge, by priority: explicit flags, a resumed run's settings, the --init file's header, defaults."""
     merged: dict[str, Any] = dict(DEFAULTS)
     init = explicit.get("init", (saved or {}).get("init"))
-    merged.update(_from_backbone(init))
+    merged.update(backbone_header(init))
     if saved:
+        merged.setdefault("lr_rule", "linear" if "lr_rule" not in saved else None)  # what the run was started with
         merged.update({k: v for k, v in saved.items() if v is not None})
         if "steps" in explicit or "epochs" in explicit:  # a new length replaces the old one
             merged.pop("steps", None)
     merged.update(explicit)
     merged.setdefault("in_chans", None)
-    for key in ("steps", "base_lr", "lr", "weight_decay", "save_every", "workers", "device", "val", "init"):
+    for key in ("steps", "base_lr", "min_lr", "lr", "weight_decay", "save_every", "workers", "device", "val", "init"):
         merged.setdefault(key, None)
+    merged.setdefault("labels_per_class", None)
+    merged.setdefault("label_fraction", None)
+    if merged.get("lr_rule") is None:
+        merged["lr_rule"] = LR_RULE
     return merged
 
 
@@ -223,13 +228,27 @@ def _validate(s: dict[str, Any]) -> None:
         (s["batch_size"] >= 1, f"--batch-size must be >= 1, got {s['batch_size']}"),
         (0.0 < s["val_fraction"] < 1.0, f"--val-fraction must be in (0, 1), got {s['val_fraction']}"),
         (s["save_every"] is None or s["save_every"] >= 1, f"--save-every must be >= 1, got {s['save_every']}"),
+        (s["save_minutes"] >= 0, f"--save-minutes must be >= 0, got {s['save_minutes']}"),
         (s["dist_timeout"] > 0, f"--dist-timeout must be > 0 minutes, got {s['dist_timeout']}"),
+        (
+            s["labels_per_class"] is None or s["labels_per_class"] >= 1,
+            f"--labels-per-class must be >= 1, got {s['labels_per_class']}",
+        ),
+        (
+            s["label_fraction"] is None or 0 < s["label_fraction"] <= 1,
+            f"--label-fraction must be in (0, 1], got {s['label_fraction']}",
+        ),
+        (
+            s["labels_per_class"] is None or s["label_fraction"] is None,
+            "give --labels-per-class or --label-fraction, not both",
+        ),
+        (s["max_bad_steps"] >= 1, f"--max-bad-steps must be >= 1, got {s['max_bad_steps']}"),
     ]
     for ok, message in checks:
         if not ok:
             raise RecipeError(message)
     parse_size(s["input_size"])
-    _parse_scale(s["crop_scale"])
+    parse_crop_scale(s["crop_scale"])
 
 
 def _labelled_data(s: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +273,20 @@ def _labelled_data(s: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError(f"train classes {classes} and validation classes {val_classes} differ")
     if not val_paths:
         raise RecipeError("no validation images: give each class at least two images, or pass --val DIR")
+    subset = None
+    if s["labels_per_class"] is not None or s["label_fraction"] is not None:
+        keep = label_subset(train_labels, s["labels_per_class"], s["label_fraction"], s["seed"])
+        budget = (
+            f"{s['labels_per_class']} per class"
+            if s["labels_per_class"] is not None
+            else f"{s['label_fraction']:g} of each class"
+        )
+        subset = (
+            f"a labelled subset of {len(keep)} of the {len(train_paths)} training images ({budget}, seed {s['seed']})"
+        )
+        train_paths, train_labels = [train_paths[i] for i in keep], [train_labels[i] for i in keep]
     return {
+        "subset": subset,
         "train": (train_paths, train_labels),
         "val": (val_paths, val_labels),
         "classes": classes,
@@ -275,7 +307,7 @@ def _finetune(argv: Sequence[str] | None) -> int:
     explicit = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     first = resolve_settings(explicit)
     _validate(first)
-    if args.init and "model" not in explicit and "model" not in _from_backbone(args.init):
+    if args.init and "model" not in explicit and "model" not in backbone_header(args.init):
         raise RecipeError(
             f"'{args.init}' does not say which model it belongs to (no sparsify header); pass --model as well"
         )
@@ -284,10 +316,12 @@ def _finetune(argv: Sequence[str] | None) -> int:
     if main_process:
         folder.check_writable()
         folder.lock()
+    code = None
     try:
-        return _locked_finetune(args, explicit, folder, main_process)
-    finally:
-        folder.unlock()
+        code = _locked_finetune(args, explicit, folder, main_process)
+        return code
+    finally:  # a run that failed before its first step leaves no folder behind
+        folder.close(failed=code != EXIT_OK, say=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
 
 
 def _locked_finetune(args: Any, explicit: dict[str, Any], folder: RunFolder, main_process: bool) -> int:
@@ -309,6 +343,9 @@ def _locked_finetune(args: Any, explicit: dict[str, Any], folder: RunFolder, mai
     _validate(s)
     s["out"] = str(folder.out)
     data = _labelled_data(s)
+    if data["subset"] and main_process:  # which images the run trained on, to repeat or compare it
+        lines = [f"{data['classes'][lab]}\t{path}" for path, lab in zip(*data["train"])]
+        (folder.out / "train_subset.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = dist_utils.setup(s["device"], timeout_minutes=s["dist_timeout"])
     try:
         return Finetuner(s, env, folder, data, resume_path, state).run()

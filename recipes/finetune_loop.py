@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .cli import EXIT_INTERRUPTED, EXIT_OK, RecipeError, format_size, parse_size
+from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RecipeError, format_size, parse_crop_scale, parse_size, warn
 from .data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CenterCrop,
     GlobalBatchSampler,
     ImageFiles,
     RandomResizedCropFlip,
@@ -32,10 +34,10 @@ from .data import (
     estimate_channel_stats,
 )
 from .logs import RunLogger, progress
-from .models import build_model, classifier_names, head_prefixes, load_init
+from .models import backbone_header, build_model, classifier_names, head_prefixes, load_init
 from .optim import param_groups, set_lr_and_wd
 from .run_folder import RunFolder, release_inherited_locks
-from .schedules import lr_at
+from .schedules import lr_at, peak_lr
 from .stop import StopRequest
 
 __all__ = ["FINETUNE_FORMAT", "Finetuner"]
@@ -79,14 +81,17 @@ class Finetuner:
 
     # ---- building
     def build(self) -> None:
-        from .finetune import CenterCrop
-
         s, env = self.s, self.env
         classes = self.data["classes"]
         size = parse_size(s["input_size"])
         self.size = size
         torch.manual_seed(s["seed"])
-        model = build_model(s["model"], num_classes=len(classes), in_chans=s["in_chans"], drop_path=s["drop_path"])
+        try:
+            model = build_model(
+                s["model"], num_classes=len(classes), in_chans=s["in_chans"], drop_path=s["drop_path"]
+            )
+        except RecipeError as err:
+            raise RecipeError(_with_model_hint(str(err), s)) from err
         self.fresh: list[str] = []
         if s["init"]:
             self.fresh = load_init(model, s["init"], allow_missing=head_prefixes(model))
@@ -96,11 +101,9 @@ class Finetuner:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
         else:
             mean, std = estimate_channel_stats(paths=[str(p) for p in self.data["train"][0]], channels=channels)
-        from .finetune import _parse_scale
-
         train_paths, train_labels = self.data["train"]
         val_paths, val_labels = self.data["val"]
-        tf = RandomResizedCropFlip(size, scale=_parse_scale(s["crop_scale"]), mean=mean, std=std)
+        tf = RandomResizedCropFlip(size, scale=parse_crop_scale(s["crop_scale"]), mean=mean, std=std)
         self.train_ds = ImageFiles(train_paths, tf, channels, train_labels, seed=s["seed"])
         self.train_ds.probe()
         self.val_ds = ImageFiles(val_paths, CenterCrop(size, mean=mean, std=std), channels, val_labels, seed=s["seed"])
@@ -141,7 +144,12 @@ class Finetuner:
 
         probe = s["linear_probe"]
         base_lr = s["base_lr"] if s["base_lr"] is not None else (0.1 if probe else 1e-3)
-        self.peak = s["lr"] if s["lr"] is not None else base_lr * s["batch_size"] / 256
+        min_lr = s.get("min_lr")
+        min_lr = min_lr if min_lr is not None else (0.01 if probe else 1e-4)
+        rule = s.get("lr_rule") or "linear"
+        self.peak = s["lr"] if s["lr"] is not None else peak_lr(base_lr, s["batch_size"], rule, min_lr)
+        factor = f"sqrt({s['batch_size']}/256)" if rule == "sqrt" else f"{s['batch_size']}/256"
+        self.lr_rule = "set by --lr" if s["lr"] is not None else f"max({base_lr:g} x {factor}, {min_lr:g})"
         self.wd = s["weight_decay"] if s["weight_decay"] is not None else (0.0 if probe else 0.05)
         groups = param_groups(model.named_parameters(), self.wd)
         if probe:
@@ -170,7 +178,13 @@ class Finetuner:
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
 
     # ---- checkpoints
+    def save_due(self) -> bool:
+        """Whether ``--save-minutes`` passed since the last checkpoint (or the start of the loop)."""
+        minutes = self.s.get("save_minutes") or 0
+        return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
+
     def save(self, step: int) -> Path | None:
+        self._last_save = time.monotonic()
         rngs = dist_utils.all_gather_objects(ckpt.rng_state())
         bad = sorted(set().union(*dist_utils.all_gather_objects(sorted(self.skipped.paths))))
         path = None
@@ -206,8 +220,6 @@ class Finetuner:
         if len(rngs) == self.env.world_size:
             ckpt.set_rng_state(rngs[self.env.rank])
         elif self.env.is_main:
-            from .cli import warn
-
             warn(f"the checkpoint was written by {len(rngs)} process(es), this run has {self.env.world_size}")
         self.best = (float(state["best"][0]), int(state["best"][1]))
         self.history = list(state.get("history") or [])
@@ -247,7 +259,10 @@ class Finetuner:
         step = start
         it = None
         t0 = time.perf_counter()
+        self._last_save = time.monotonic()  # --save-minutes counts from here
         code = EXIT_OK
+        bad_streak = 0
+        self.buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         with StopRequest(env.is_main) as stop:
             try:
                 while step < self.total:
@@ -259,19 +274,49 @@ class Finetuner:
                         it = iter(self.loader)
                     lr = lr_at(step, self.total, self.peak, self.warmup)
                     set_lr_and_wd(self.optimizer, lr, self.wd)
-                    loss_value, n = self.train_step(next(it), epoch)
-                    self.loss_sum += torch.tensor([loss_value * n, n], dtype=torch.float64)
+                    loss_value, n, problem = self.train_step(next(it), epoch)
                     step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-                    flag = torch.tensor([1.0 if stop.reason else 0.0])
+                    if problem is None:
+                        bad_streak = 0
+                        self.loss_sum += torch.tensor([loss_value * n, n], dtype=torch.float64)
+                        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+                    else:
+                        bad_streak += 1
+                        if env.is_main:
+                            warn(
+                                f"non-finite {problem} at step {step}; skipped this update and restored the BatchNorm "
+                                f"statistics ({bad_streak} in a row, stopping at {s['max_bad_steps']})"
+                            )
+                        if bad_streak >= s["max_bad_steps"]:
+                            latest = self.folder.latest()
+                            where = (
+                                f"the last checkpoint is {latest}: run the same command with a lower --lr (this run's "
+                                f"peak is {self.peak:.3g}; e.g. --lr {self.peak / 10:.3g}) to resume from it"
+                                if latest
+                                else f"no checkpoint was written yet: run the same command with a lower --lr (e.g. "
+                                f"--lr {self.peak / 10:.3g}) to start over"
+                            )
+                            self.say(
+                                f"{PROG}: error: the {problem} was not finite for {bad_streak} steps in a row (steps "
+                                f"{step + 1 - bad_streak}-{step}); stopping. {where}; or try --precision fp32, "
+                                "or check the data.",
+                                file=sys.stderr,
+                            )
+                            code = EXIT_FAILED
+                            break
+                    # [stop requested, --save-minutes passed] on some rank: every rank decides alike
+                    flag = torch.tensor([1.0 if stop.reason else 0.0, float(self.save_due())])
                     dist_utils.all_reduce_sum(flag)
-                    stopping = bool(flag.item() > 0)
+                    stopping = bool(flag[0].item() > 0)
                     if step % self.steps_per_epoch == 0 or step == self.total:
                         self.end_of_epoch(step, lr, time.perf_counter() - t0, logger, bar)
                         t0 = time.perf_counter()
                         _set_train_mode(self.model, s["linear_probe"], self.cls_names)
-                    if step % self.save_every == 0 or step == self.total or stopping:
+                    periodic = (
+                        step % self.save_every == 0 or step == self.total or flag[1].item() > 0
+                    ) and bad_streak == 0
+                    if periodic or stopping:
                         self.save(step)
                     if stopping:
                         bar.close()
@@ -289,35 +334,60 @@ class Finetuner:
             return code
         return self.finish(logger)
 
-    def train_step(self, batch: Any, epoch: int) -> tuple[float, int]:
-        """One optimiser step on one batch; returns (loss, images)."""
+    def train_step(self, batch: Any, epoch: int) -> tuple[float, int, str | None]:
+        """One optimiser step on one batch; returns (loss, images, what was not finite or None).
+
+        A step whose loss, gradients or BatchNorm statistics are not finite (on any rank) is skipped: no update,
+        and the BatchNorm running statistics its forward changed are restored.
+        """
         x, y, bad = batch
         self.skipped.update(bad, report=self.env.is_main)
         x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
         if self.s["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
+        backup = [b.detach().clone() for b in self.buffers]
         with self.autocast():
             logits = self.ddp(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.s["label_smoothing"])
-        if not torch.isfinite(loss):
-            latest = self.folder.latest()
-            raise RecipeError(
-                f"the loss became {float(loss)} at epoch {epoch + 1}; lower --base-lr"
-                + (f" (the last checkpoint, {latest}, is kept)" if latest else "")
-            )
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
+        else:
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 5.0)
+        buffers_bad = (
+            ~torch.isfinite(torch.cat([b.reshape(-1).float() for b in self.buffers])).all()
+            if self.buffers
+            else torch.zeros((), dtype=torch.bool, device=loss.device)
+        )
+        # One host read for the decision, summed over ranks so that every rank decides alike. (fp16: the grad
+        # scaler itself skips steps with inf/NaN gradients.)
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss.detach())).double(),
+                (~torch.isfinite(norm)).double() * (self.scaler is None),
+                buffers_bad.double(),
+            ]
+        ).cpu()
+        dist_utils.all_reduce_sum(flags)
+        bad = flags.tolist()
+        if any(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:  # unscale_ ran: the scaler must be updated before its next use
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            with torch.no_grad():
+                for b, saved in zip(self.buffers, backup):
+                    b.copy_(saved)
+            what = "loss" if bad[0] else ("gradients" if bad[1] else "BatchNorm running statistics")
+            return float("nan"), int(x.shape[0]), what
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), int(x.shape[0])
+        return float(loss.detach()), int(x.shape[0]), None
 
     def end_of_epoch(self, step: int, lr: float, seconds: float, logger: RunLogger | None, bar: Any) -> None:
         """Evaluate, log, keep the best weights; reset the epoch's running loss."""
@@ -366,6 +436,8 @@ class Finetuner:
             f"{PROG}: {mode} of {s['model']} on {len(self.data['classes'])} classes: {len(train)} training images, "
             f"{len(val)} validation images ({self.data['val_split']}), {format_size(self.size)} px"
         )
+        if self.data.get("subset"):
+            self.say(f"  training on {self.data['subset']}; files listed in {self.out / 'train_subset.txt'}")
         if s["init"]:
             fresh = ", ".join(self.fresh) if self.fresh else "nothing"
             self.say(f"  initialised from {s['init']}; newly initialised: {fresh}")
@@ -374,10 +446,24 @@ class Finetuner:
         epochs = self.total / self.steps_per_epoch
         self.say(
             f"  {self.total} steps (~{epochs:.3g} epochs of {self.steps_per_epoch}), batch {s['batch_size']}, "
-            f"peak lr {self.peak:.3g}, wd {self.wd}, {s['precision']} on {self.env.device}; out: {self.out}"
+            f"peak lr {self.peak:.3g} ({self.lr_rule}), wd {self.wd}, {s['precision']} on {self.env.device}; "
+            f"out: {self.out}"
         )
+        minutes = f" and every {s['save_minutes']:g} minutes" if s.get("save_minutes") else ""
+        self.say(f"  checkpoints every {self.save_every} steps{minutes}, keeping {s['keep'] or 'all'}")
         if start:
             self.say(f"  resuming from {self.resume_from} at step {start}")
+
+
+def _with_model_hint(message: str, s: dict[str, Any]) -> str:
+    """``message``, plus how to proceed when the model that failed to build was named by the --init header."""
+    if s["init"] and backbone_header(s["init"]).get("model") == s["model"]:
+        return (
+            f"{message}. (The model was read from the header of '{s['init']}', written where pretraining ran; "
+            "pass --model to say where the factory is now, e.g. --model path/to/file.py:function or "
+            "package.module:function)"
+        )
+    return message
 
 
 def _set_train_mode(model: nn.Module, linear_probe: bool, cls_names: list[str]) -> None:

@@ -6,6 +6,9 @@ Model names:
 * ``torchvision:resnet50`` - a torchvision model (``weights=None``);
 * ``package.module:function`` or ``path/to/file.py:function`` - the user's own factory, called with
   no arguments (or with ``num_classes`` / ``in_chans`` when it accepts them and they are asked for).
+  A factory that takes ``**kwargs`` is tried with them, and called again without any it turns out to
+  refuse (``my_cnn(**kw)`` handing them on to a class without ``in_chans``); a head it cannot size is
+  replaced afterwards, so pretraining and fine-tuning build the same network from the same factory.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,12 +35,15 @@ __all__ = [
     "parse_model_spec",
     "build_model",
     "default_drop_path",
+    "backbone_header",
     "load_state_dict_file",
     "load_init",
     "classifier_names",
     "head_prefixes",
     "model_slug",
     "same_model_spec",
+    "portable_model_spec",
+    "wrap_for_command_line",
 ]
 
 # Drop-path rates of the SparK paper's pretraining recipe (design.md section 7).
@@ -92,8 +99,9 @@ def model_slug(text: str) -> str:
 
 
 def same_model_spec(a: str, b: str) -> bool:
-    """Whether two ``--model`` values name the same model (``timm:resnet18`` and ``resnet18`` do)."""
-    sa, sb = parse_model_spec(a), parse_model_spec(b)
+    """Whether two ``--model`` values name the same model (``timm:resnet18`` and ``resnet18`` do, and so do a
+    factory file's relative and absolute paths)."""
+    sa, sb = parse_model_spec(portable_model_spec(a)), parse_model_spec(portable_model_spec(b))
     return (sa.kind, sa.name) == (sb.kind, sb.name)
 
 
@@ -114,6 +122,55 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def portable_model_spec(text: str) -> str:
+    """``text`` with a factory file's path made absolute, so that it still names the file from another folder.
+
+    What a backbone header stores: ``sparsify-finetune`` may run anywhere. Other specs are returned unchanged.
+    """
+    spec = parse_model_spec(text)
+    if spec.kind != "factory":
+        return text
+    module_name, _, attr = spec.name.rpartition(":")
+    if not (module_name.endswith(".py") or os.sep in module_name or "/" in module_name):
+        return text
+    path = Path(module_name).expanduser()
+    return f"{path.resolve()}:{attr}" if path.is_file() else text
+
+
+def wrap_for_command_line(wrap: Callable[..., Any], model: nn.Module, input_size: tuple[int, int]) -> Any:
+    """``wrap(model, input_size=...)`` with its refusals phrased for the recipes' flags.
+
+    The library checks the size against the network's total stride before anything else and says which
+    sizes fit; on the command line that size is ``--input-size``, so the message names the flag.
+    """
+    from sparsify.errors import SparsifyError
+
+    try:
+        return wrap(model, input_size=input_size)
+    except SparsifyError as err:
+        raise RecipeError(re.sub(r"\binput_size\b", "--input-size", str(err))) from err
+
+
+def _call_factory(
+    fn: Callable[..., Any], named: dict[str, Any], offered: dict[str, Any]
+) -> tuple[Any, set[str]]:
+    """``fn(**named, **offered)`` and the keywords it took; ``offered`` (for ``**kwargs``) are dropped where refused.
+
+    A factory's ``**kwargs`` promise nothing: ``def my_cnn(**kw): return MyCNN(**kw)`` fails with "unexpected
+    keyword argument 'in_chans'" when MyCNN has none. Such a keyword is left out and the call repeated.
+    """
+    offered = dict(offered)
+    while True:
+        try:
+            return fn(**named, **offered), set(named) | set(offered)
+        except TypeError as err:
+            refused = [k for k in offered if f"unexpected keyword argument '{k}'" in str(err)]
+            if not refused:
+                raise
+            for k in refused:
+                offered.pop(k)
 
 
 def _load_factory(text: str) -> Callable[..., Any]:
@@ -204,24 +261,30 @@ def build_model(
                 )
         else:
             fn = _load_factory(spec.name)
-            if num_classes is not None and _accepts(fn, "num_classes"):
-                kwargs["num_classes"] = num_classes
-            if in_chans is not None and _accepts(fn, "in_chans"):
-                kwargs["in_chans"] = in_chans
-            if drop_path and _accepts(fn, "drop_path_rate"):
-                kwargs["drop_path_rate"] = drop_path
-            model = fn(**kwargs)
+            wanted = {"num_classes": num_classes, "in_chans": in_chans, "drop_path_rate": drop_path or None}
+            named = {k: v for k, v in wanted.items() if v is not None and _names(fn, k)}
+            offered = {k: v for k, v in wanted.items() if v is not None and k not in named and _accepts(fn, k)}
+            model, taken = _call_factory(fn, named, offered)
             if not isinstance(model, nn.Module):
                 raise RecipeError(
                     f"--model '{text}': the factory returned {type(model).__name__}, not a torch.nn.Module"
                 )
-            if num_classes is not None and "num_classes" not in kwargs:
+            if num_classes is not None and "num_classes" not in taken:
                 _reset_head(model, num_classes, text)
     except RecipeError:
         raise
     except Exception as err:
         raise RecipeError(f"could not build model '{text}': {type(err).__name__}: {err}") from err
     return model
+
+
+def _names(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn``'s signature has a parameter called ``name`` (not just ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].kind is not inspect.Parameter.VAR_KEYWORD
 
 
 def _reset_head(model: nn.Module, num_classes: int, text: str) -> None:
@@ -273,6 +336,24 @@ def classifier_names(model: nn.Module) -> list[str]:
                     return [name]
     last = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     return last[-1:]
+
+
+def backbone_header(init: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """model / in_chans / input_size as written by ``export_backbone`` into a backbone file's header ({} if none)."""
+    if not init or not str(init).endswith(".safetensors"):
+        return {}
+    from sparsify.spark import backbone_metadata
+
+    meta = backbone_metadata(Path(init).expanduser())
+    found: dict[str, Any] = {}
+    if meta.get("model"):
+        found["model"] = meta["model"]
+    if isinstance(meta.get("in_chans"), int):
+        found["in_chans"] = meta["in_chans"]
+    if meta.get("input_size"):
+        h, w = meta["input_size"]
+        found["input_size"] = f"{h}x{w}"
+    return found
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_INTERRUPTED, quiet_known_warnings, run_main
+from .cli import EXIT_INTERRUPTED, EXIT_OK, quiet_known_warnings, run_main
 from .config import (
     COMMON_DEFAULTS,
     PRESETS,
@@ -71,10 +71,12 @@ def _pretrain(argv: Sequence[str] | None) -> int:
     if main_process:
         folder.check_writable()  # before the model is built: fail in a second, not after minutes
         folder.lock()  # one live run per folder (released when this process ends, however it ends)
+    code = None
     try:
-        return _locked_pretrain(args, explicit, folder, main_process)
-    finally:
-        folder.unlock()
+        code = _locked_pretrain(args, explicit, folder, main_process)
+        return code
+    finally:  # a run that failed before its first step leaves no folder behind
+        folder.close(failed=code != EXIT_OK, say=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
 
 
 def _locked_pretrain(args: Any, explicit: dict[str, Any], folder: Any, main_process: bool) -> int:

@@ -169,8 +169,7 @@ def _reconstruct(argv: Sequence[str] | None) -> int:
 
     import sparsify
 
-    from .data import default_normalisation, estimate_channel_stats
-    from .finetune import CenterCrop
+    from .data import CenterCrop, default_normalisation, estimate_channel_stats
 
     spark, cfg = load_spark(checkpoint, args.device, size)
     if args.mask_ratio is not None:

@@ -1,25 +1,30 @@
-"""Reporting of a pretraining run: console lines, reconstruction pictures, the final outputs and summary."""
+"""Reporting of a pretraining run: console lines, reconstruction pictures, the final outputs and summary.
+
+The functions read a run through :class:`PretrainRun`, the attributes they need, not through the loop's
+class: the loop (:mod:`.train_loop`) imports this module, never the other way round.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .cli import format_size, warn
 from .config import PROG
 from .logs import plot_loss_curve, read_metrics
+from .models import portable_model_spec
 from .optim import betas_for_norm
 
-if TYPE_CHECKING:
-    from .train_loop import Pretrainer
-
 __all__ = [
+    "PretrainRun",
     "say",
     "silent",
     "vis_batch",
@@ -34,12 +39,65 @@ __all__ = [
 RECON_COLUMNS = ("input", "masked", "reconstruction", "composite")
 
 
-def checkpoint_bytes(t: Pretrainer) -> int:
+class PretrainRun(Protocol):
+    """What the reporting functions read from a pretraining run (:class:`~.train_loop.Pretrainer` has it)."""
+
+    cfg: Any  # the run's PretrainConfig
+    env: dist_utils.DistEnv
+    out: Path
+    ckpt_dir: Path
+    resume_from: Path | None
+    spark: nn.Module
+    dataset: Any  # ImageFiles or SampleImages
+    data_desc: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    grid: tuple[int, int]
+    mask_ratio: float
+    visible: int
+    vis: tuple[torch.Tensor, torch.Tensor] | None
+    plan: Any  # batching.BatchPlan
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    peak_lr: float
+    norm_type: str
+    drop_path: float
+    workers: int
+    save_every: int
+    knn: Any  # knn.KnnMonitor or None
+    knn_history: list[tuple[int, float]]
+    skipped: Any  # data.SkipCounter
+    logger: Any  # logs.RunLogger or None
+    say: Callable[..., None]
+    save_reconstructions: Callable[..., Path]
+    export_backbone: Callable[..., Any]
+
+    def knn_schedule(self) -> str: ...
+
+
+def checkpoint_bytes(t: PretrainRun) -> int:
     """Approximate size of one checkpoint: parameters and buffers, plus the optimiser's two moments."""
     spark = dist_utils.unwrap(t.spark)
     params = sum(p.numel() * p.element_size() for p in spark.parameters())
     buffers = sum(b.numel() * b.element_size() for b in spark.buffers())
     return 3 * params + buffers
+
+
+def _checkpoint_contents(t: PretrainRun) -> str:
+    """What fills a checkpoint: the user's model is often the small part, SparK's decoder the large one."""
+    spark = dist_utils.unwrap(t.spark)
+    encoder = {id(p) for p in spark.encoder.parameters()}
+    mine = sum(p.numel() for p in spark.parameters() if id(p) in encoder)
+    spark_own = sum(p.numel() for p in spark.parameters() if id(p) not in encoder)
+    return (
+        f"{_count(mine)} parameters of your model and {_count(spark_own)} of SparK's decoder and densify layers "
+        f"(decoder width {t.cfg.decoder_width}; --decoder-width sets it), each with {t.cfg.opt}'s two moments"
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
 def _megabytes(n: float) -> str:
@@ -57,7 +115,7 @@ def silent(message: str = "", file: Any = None) -> None:
     """``say`` on ranks other than 0."""
 
 
-def vis_batch(t: Pretrainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+def vis_batch(t: PretrainRun) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Fixed images and masks for the reconstruction pictures (the same at the start and the end)."""
     n = min(t.cfg.vis_images, len(t.dataset), 16)
     if n <= 0:
@@ -74,7 +132,7 @@ def vis_batch(t: Pretrainer) -> tuple[torch.Tensor, torch.Tensor] | None:
     return x, mask
 
 
-def write_reconstructions(t: Pretrainer, name: str) -> Path | None:
+def write_reconstructions(t: PretrainRun, name: str) -> Path | None:
     """Write a reconstruction grid to ``<out>/<name>`` (main process); a failure only warns."""
     if not t.env.is_main or t.vis is None:
         return None
@@ -100,14 +158,15 @@ def write_reconstructions(t: Pretrainer, name: str) -> Path | None:
     return path
 
 
-def finish_outputs(t: Pretrainer) -> dict[str, Path]:
+def finish_outputs(t: PretrainRun) -> dict[str, Path]:
     """Export the backbone, the final pictures and the loss curve; returns what was written."""
     written: dict[str, Path] = {}
     if not t.env.is_main:
         return written
     backbone = t.out / "backbone.safetensors"
     tmp = t.out / f".backbone.tmp-{os.getpid()}.safetensors"
-    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=t.cfg.model)  # the header names the model
+    # The header names the model; a factory file by its absolute path, so that fine-tuning finds it anywhere.
+    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=portable_model_spec(t.cfg.model))
     os.replace(tmp, backbone)
     written["backbone"] = backbone
     end = write_reconstructions(t, "recon_end.png")
@@ -125,7 +184,7 @@ def finish_outputs(t: Pretrainer) -> dict[str, Path]:
     return written
 
 
-def header(t: Pretrainer, start: int) -> None:
+def header(t: PretrainRun, start: int) -> None:
     """The lines printed before training: data, SparK geometry, schedule, hardware, run folder."""
     cfg = t.cfg
     procs = f"{t.env.world_size} processes" if t.env.distributed else "1 process"
@@ -157,10 +216,12 @@ def header(t: Pretrainer, start: int) -> None:
     )
     size = checkpoint_bytes(t)
     keep = "all" if cfg.keep == 0 else str(cfg.keep)
+    minutes = f" and every {cfg.save_minutes:g} minutes" if cfg.save_minutes else ""
     t.say(
-        f"  checkpoints: ~{_megabytes(size)} each (model and optimiser state), every {t.save_every} steps, "
+        f"  checkpoints: ~{_megabytes(size)} each (model and optimiser state), every {t.save_every} steps{minutes}, "
         f"keeping {keep}{f' (~{_megabytes(size * cfg.keep)})' if cfg.keep else ''}"
     )
+    t.say(f"    each holds {_checkpoint_contents(t)}")
     if t.knn is not None:
         t.say(f"  k-NN monitor: {t.knn.description} from '{cfg.knn_data}', k={cfg.knn_k}, {t.knn_schedule()}")
     if start:
@@ -173,7 +234,7 @@ def header(t: Pretrainer, start: int) -> None:
         )
 
 
-def summary(t: Pretrainer, outputs: dict[str, Path], losses: list[tuple[int, float]]) -> None:
+def summary(t: PretrainRun, outputs: dict[str, Path], losses: list[tuple[int, float]]) -> None:
     """The lines printed after training: the loss, skipped files, the outputs and how to load them."""
     if not t.env.is_main:
         return

@@ -5,6 +5,10 @@
 second run off the folder while one is alive. The lock is an ``fcntl.flock`` on that file: the kernel
 drops it when its process ends, however it ends (even SIGKILL), so it is never left stuck. Pretraining and
 fine-tuning share all of this.
+
+A run that fails before its first step, in a folder it created, removes that folder again (and the
+parents it created): a wrong flag does not leave ``runs/<name>/`` holding only a ``.lock``. A failed run
+that got further keeps its logs and says so.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -62,13 +67,21 @@ class RunFolder:
         self.out = Path(out)
         self.ckpt_dir = self.out / "checkpoints"
         self._lock_fd: int | None = None
+        self._created: list[Path] = []  # folders this process made, innermost first (removed if unused)
 
     # ---- before anything is built
+    def _make(self) -> None:
+        """Create the folder, remembering which of it and its parents did not exist before."""
+        missing = [d for d in (self.out, *self.out.parents) if not d.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self._created:
+            self._created = missing
+
     def check_writable(self) -> None:
         """Create the folder and write a small probe file in it; a clear :class:`RecipeError` if that fails."""
         probe = self.out / f".write-test-{os.getpid()}"
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self._make()
             with open(probe, "wb") as f:
                 f.write(b"\0" * 4096)
                 f.flush()
@@ -88,7 +101,7 @@ class RunFolder:
         """Take the folder's lock, or refuse with a clear message when another live run holds it."""
         if fcntl is None or self._lock_fd is not None:  # pragma: no cover - no flock on this platform
             return self
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._make()
         path = self.out / _LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
@@ -116,6 +129,28 @@ class RunFolder:
         if fd in _held_fds:
             _held_fds.remove(fd)
         os.close(fd)
+
+    def close(self, failed: bool, say: Any = None) -> None:
+        """End this process's use of the folder: release the lock; after a failure, tidy up what it made.
+
+        ``failed``: the run ended with an error or an interruption. A folder this process created is then
+        removed with the parents it created when no step finished (nothing in it is worth keeping: no
+        checkpoint, no logged step); one that holds a failed run's logs is kept and named through ``say``.
+        """
+        try:
+            if not (failed and self._created and self._lock_fd is not None):
+                return
+            if self.latest() is None and not _logged_a_step(self.out / "metrics.jsonl"):
+                shutil.rmtree(self.out, ignore_errors=True)  # still locked: no other run is inside
+                for parent in self._created[1:]:
+                    try:
+                        parent.rmdir()  # only while empty
+                    except OSError:
+                        break
+            elif self.latest() is None and say is not None:
+                say(f"the failed run's logs are in '{self.out}' (no checkpoint was written)")
+        finally:
+            self.unlock()
 
     def __enter__(self) -> RunFolder:
         return self.lock()
@@ -151,7 +186,7 @@ class RunFolder:
 
     def prepare(self, config: dict[str, Any]) -> None:
         """Create the folder, clear temporaries of killed writes, record the settings (main process only)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._make()
         ckpt.remove_stale_temporaries(self.ckpt_dir)
         (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -182,3 +217,18 @@ class RunFolder:
             ) from err
         ckpt.prune_checkpoints(self.ckpt_dir, keep)
         return path
+
+
+def _logged_a_step(metrics: Path) -> bool:
+    """Whether a run's ``metrics.jsonl`` records a finished step (step 0 is the state before training)."""
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            if int(json.loads(line).get("step", 0)) >= 1:
+                return True
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return False

@@ -37,9 +37,10 @@ from .data import (
     estimate_channel_stats,
     find_images,
 )
+from .divergence import LossHealth, cpu_copy
 from .knn import KnnMonitor
 from .logs import RunLogger, progress
-from .models import build_model, default_drop_path, head_prefixes, load_init
+from .models import build_model, default_drop_path, head_prefixes, load_init, wrap_for_command_line
 from .optim import create_optimizer, param_groups, set_lr_and_wd
 from .run_folder import RunFolder, release_inherited_locks
 from .schedules import lr_at, peak_lr, wd_at
@@ -187,17 +188,17 @@ class Pretrainer:
 
     # ---- monitoring: k-NN accuracy and reconstruction pictures during the run
     def build_knn(self) -> None:
-        """Read the --knn-data images once (main process); the others skip the monitor."""
+        """Read the --knn-data images once: each rank its share (the evaluation is sharded over ranks)."""
         cfg = self.cfg
         self.knn: KnnMonitor | None = None
         self.knn_history: list[tuple[int, float]] = []
         self.knn_every = cfg.knn_every
         self._knn_seconds = 0.0
         self._step_times: list[float] = []
-        if cfg.knn_data and self.env.is_main:
+        if cfg.knn_data:
             self.knn = KnnMonitor(
                 cfg.knn_data, cfg.input_size, self.in_chans, self.mean, self.std, k=cfg.knn_k,
-                batch=self.plan.micro_batch,
+                batch=self.plan.micro_batch, rank=self.env.rank, world_size=self.env.world_size,
             )  # fmt: skip
 
     def knn_schedule(self) -> str:
@@ -206,7 +207,7 @@ class Pretrainer:
         return "at the start, the end, and at an interval measured to cost under 2% of the training time"
 
     def evaluate_knn(self, step: int) -> None:
-        """Evaluate the k-NN monitor now (main process), log it and remember it for the summary."""
+        """Evaluate the k-NN monitor now (every rank, together), log it and remember it for the summary."""
         if self.knn is None:
             return
         t0 = time.perf_counter()
@@ -218,8 +219,6 @@ class Pretrainer:
 
     def after_step(self, step: int, start: int) -> None:
         """Periodic monitoring after optimiser step ``step``: k-NN accuracy and TensorBoard pictures."""
-        if not self.env.is_main:
-            return
         if self.knn is not None:
             if self.knn_every is None:
                 # Choose the interval from measured costs: the first evaluation against the median step.
@@ -227,13 +226,20 @@ class Pretrainer:
                 if len(self._step_times) == 11:
                     gaps = sorted(b - a for a, b in zip(self._step_times, self._step_times[1:]))
                     per_step = gaps[len(gaps) // 2]
-                    self.knn_every = max(1, math.ceil(self._knn_seconds / (0.02 * max(per_step, 1e-6))))
+                    every = max(1, math.ceil(self._knn_seconds / (0.02 * max(per_step, 1e-6))))
+                    self.knn_every = dist_utils.broadcast_object(every)  # rank 0's timing: every rank evaluates alike
+                    # Evaluations fall on start + k * every; say which is the first still ahead, so that
+                    # an interval shorter than the measurement itself is not announced as already kept.
+                    first = start + -(-(step - start) // self.knn_every) * self.knn_every  # this step counts
                     self.say(
                         f"  k-NN monitor: one evaluation takes {self._knn_seconds:.2g} s, a step {per_step:.2g} s: "
-                        f"evaluating every {self.knn_every} steps (< 2% of training time)"
+                        f"evaluating at step {min(first, self.total_steps)}, then every {self.knn_every} steps "
+                        "(< 2% of training time) and at the end"
                     )
             if step == self.total_steps or (self.knn_every and (step - start) % self.knn_every == 0):
                 self.evaluate_knn(step)
+        if not self.env.is_main:
+            return
         if self.logger is not None and self.logger.writer is not None and step % self.vis_every == 0:
             path = report.write_reconstructions(self, "recon_latest.png")
             if path is not None:
@@ -254,7 +260,7 @@ class Pretrainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.env.device)
         self.user_model = model
-        enc = wrap(model, input_size=cfg.input_size)
+        enc = wrap_for_command_line(wrap, model, cfg.input_size)  # a size that does not fit: the library's words
         r = int(enc.downsample_ratio)
         h, w = cfg.input_size
         if h % r or w % r:
@@ -319,7 +325,14 @@ class Pretrainer:
             self.save_every = min(1000, max(self.steps_per_epoch, 100))
 
     # ---- checkpoints
-    def save(self, step: int) -> Path | None:
+    def save_due(self) -> bool:
+        """Whether ``--save-minutes`` passed since the last checkpoint (or the start of this run)."""
+        minutes = self.cfg.save_minutes
+        return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
+
+    def save(self, step: int, defer: bool = False) -> Path | None:
+        """Checkpoint ``step`` now, or (``defer``) hold it back until the next finite loss judges its weights."""
+        self._last_save = time.monotonic()
         rngs = dist_utils.all_gather_objects(ckpt.rng_state(self.mask_gen))
         bad = sorted(set().union(*dist_utils.all_gather_objects(sorted(self.skipped.paths))))
         path = None
@@ -344,10 +357,75 @@ class Pretrainer:
                 "first_loss": self.first_loss,
                 # what the config left to the model (None there): resume checks compare against these
                 "resolved": {"in_chans": self.in_chans, "mask_ratio": self.mask_ratio},
+                "recent_losses": self.health.state(),
+                "lr_scale": self.lr_scale,
+                "rollbacks": self.rollbacks,
             }
-            path = self.run_folder.save_checkpoint(state, step, self.cfg.keep)
+            if defer:
+                self.pending = (step, cpu_copy(state))  # frozen: training goes on changing the live tensors
+            else:
+                path = self.run_folder.save_checkpoint(state, step, self.cfg.keep)
+        if defer:
+            self.pending_step = step
         dist_utils.barrier()
         return path
+
+    def judge_pending(self, problem: str | None) -> None:
+        """Write the held-back checkpoint if the loss of its weights was healthy (``problem`` None), else drop it.
+
+        Called on every rank with the same ``problem`` (the step's decision is global).
+        """
+        if self.pending_step is None:
+            return
+        step, self.pending_step = self.pending_step, None
+        if self.env.is_main and self.pending is not None:
+            pending_step, state = self.pending
+            self.pending = None
+            if problem is None:
+                self.run_folder.save_checkpoint(state, pending_step, self.cfg.keep)
+            else:
+                warn(
+                    f"not saving the checkpoint of step {step}: its weights gave a {problem} at the next step; "
+                    f"the last good checkpoint is {self.run_folder.latest() or 'none yet'}"
+                )
+        dist_utils.barrier()
+
+    def lower_lr_advice(self) -> str:
+        """The flag to resume with after divergence: the default rule's lr if this run's is above it, else 10x lower."""
+        cfg = self.cfg
+        current = self.peak_lr * self.lr_scale
+        rule = peak_lr(cfg.base_lr, cfg.batch_size, cfg.lr_rule, cfg.min_lr)
+        suggestion = rule if current > 1.0001 * rule else current / 10
+        return f"--lr {suggestion:.3g}"
+
+    def rollback(self, step: int) -> bool:
+        """Reload the newest (good) checkpoint's weights and optimiser state and scale the lr down.
+
+        The step counter, the schedule and the data stream go on from ``step``: the batches since the checkpoint,
+        the offending ones among them, are skipped. Returns False when there is no checkpoint to go back to.
+        """
+        path = self.run_folder.latest()
+        if path is None:
+            return False
+        state, path = ckpt.load_checkpoint(path)
+        dist_utils.unwrap(self.spark).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.health = LossHealth(self.cfg.spike_factor, state.get("recent_losses") or ())
+        self.rollbacks += 1
+        self.lr_scale *= self.cfg.rollback_lr_factor
+        if self.env.is_main:
+            warn(
+                f"diverged: rollback {self.rollbacks}/{self.cfg.max_rollbacks} to {path} (step {state['step']}); "
+                f"learning rate x{self.lr_scale:.3g} from now on; the batches of steps {int(state['step']) + 1}-{step} "
+                "are skipped"
+            )
+        if self.logger is not None:
+            row = {"rollback": self.rollbacks, "rollback_to": int(state["step"]), "lr_scale": self.lr_scale}
+            self.logger.log(step, row)
+        return True
 
     def restore(self) -> int:
         state = self.resume_state
@@ -377,6 +455,11 @@ class Pretrainer:
             )
         self.skipped = SkipCounter(state.get("skipped_files", []))
         self.first_loss = state.get("first_loss")
+        self.health = LossHealth(self.cfg.spike_factor, state.get("recent_losses") or ())
+        self.rollbacks = int(state.get("rollbacks") or 0)
+        # A new learning rate on the command line replaces what earlier rollbacks made of the old one.
+        if "lr" not in self.explicit and "base_lr" not in self.explicit:
+            self.lr_scale = float(state.get("lr_scale") or 1.0)
         return int(state["step"])
 
     # ---- the loop
@@ -386,6 +469,11 @@ class Pretrainer:
         self.mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
         self.skipped = SkipCounter()
         self.first_loss: float | None = None
+        self.health = LossHealth(cfg.spike_factor)
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self.pending: tuple[int, dict] | None = None  # a checkpoint held back until its weights are judged
+        self.pending_step: int | None = None
         if cfg.data is not None:
             find_images(cfg.data)  # a missing or empty folder stops before the model is built
         self.build_model()
@@ -445,11 +533,13 @@ class Pretrainer:
         code = EXIT_OK
         losses: list[tuple[int, float]] = []
         bad_streak = 0
+        streak_nonfinite = True  # whether every bad step of the current streak was non-finite (not a spike)
         successes = 0
         bar = progress(self.total_steps, start, env.is_main)
         step = start
         it = None
         t_last = time.perf_counter()
+        self._last_save = time.monotonic()  # --save-minutes counts from here
         with StopRequest(env.is_main) as stop:
             try:
                 while step < self.total_steps:
@@ -458,7 +548,7 @@ class Pretrainer:
                         self.dataset.set_epoch(epoch)
                         self.sampler.set_epoch(epoch, in_epoch)
                         it = iter(self.loader)
-                    lr = lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
+                    lr = lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps) * self.lr_scale
                     wd = wd_at(step, self.total_steps, cfg.weight_decay, cfg.weight_decay_end)
                     set_lr_and_wd(self.optimizer, lr, wd)
                     backup = [b.detach().clone() for b in self.buffers]
@@ -477,6 +567,8 @@ class Pretrainer:
                             self._buffers_nonfinite().to(self.flag_dtype),
                             (~torch.isfinite(grad_norm_t)).to(self.flag_dtype),
                             grad_norm_t.detach().to(self.flag_dtype),
+                            # the last entry: some rank's clock says a time-interval checkpoint is due
+                            torch.tensor(float(self.save_due()), dtype=self.flag_dtype, device=env.device),
                         ]
                     )
                     dist_utils.all_reduce_sum(flags)
@@ -486,10 +578,16 @@ class Pretrainer:
                     # (fp16: the grad scaler itself skips steps with inf/NaN gradients and lowers its scale.)
                     finite = vals[1] == 0 and vals[4] == 0 and (vals[5] == 0 or self.scaler is not None)
                     grad_norm = vals[6] / env.world_size if finite else None
-                    step_done = finite
+                    # The loss was computed on the weights before this update: it judges a held-back checkpoint.
+                    spike = self.health.problem(loss) if vals[1] == 0 else None
+                    if vals[1] == 0:
+                        self.judge_pending(spike)
+                    step_done = finite and spike is None
                     if step_done:
                         self.apply_update()
+                        self.health.record(loss)
                         bad_streak = 0
+                        streak_nonfinite = True
                         successes += 1
                     else:
                         self.discard_update()
@@ -497,24 +595,32 @@ class Pretrainer:
                             for b, saved in zip(self.buffers, backup):
                                 b.copy_(saved)
                         bad_streak += 1
-                        what = "loss" if vals[1] else ("BatchNorm running statistics" if vals[4] else "gradients")
+                        streak_nonfinite = streak_nonfinite and spike is None
+                        if spike is not None:
+                            what = spike
+                        else:
+                            what = "non-finite " + (
+                                "loss" if vals[1] else ("BatchNorm running statistics" if vals[4] else "gradients")
+                            )
+                        then = "rolling back" if cfg.on_divergence == "rollback" else "stopping"
                         if env.is_main:
                             warn(
-                                f"non-finite {what} at step {step + 1}; skipped this update and restored the "
-                                f"running statistics ({bad_streak} in a row, stopping at {cfg.max_bad_steps})"
+                                f"{what} at step {step + 1}; skipped this update and restored the "
+                                f"running statistics ({bad_streak} in a row, {then} at {cfg.max_bad_steps})"
                             )
                         if bad_streak >= cfg.max_bad_steps:
-                            where = (
-                                f"the last good checkpoint is {self.run_folder.latest()}"
-                                if self.run_folder.latest()
-                                else "no checkpoint was written yet"
-                            )
-                            self.say(
-                                f"{PROG}: error: the loss was not finite for {bad_streak} steps in a row "
-                                f"(steps {step + 2 - bad_streak}-{step + 1}); stopping. {where}. Try a lower "
-                                "--base-lr, --precision fp32, or check the data.",
-                                file=sys.stderr,
-                            )
+                            # A checkpoint still held back was judged by no finite loss: keep it (it may be fine).
+                            self.judge_pending(None)
+                            if (
+                                cfg.on_divergence == "rollback"
+                                and self.rollbacks < cfg.max_rollbacks
+                                and self.rollback(step + 1)
+                            ):
+                                bad_streak = 0
+                                streak_nonfinite = True
+                                step += 1
+                                continue
+                            self.report_divergence(step, bad_streak, streak_nonfinite)
                             code = EXIT_FAILED
                             break
                     step += 1
@@ -548,9 +654,12 @@ class Pretrainer:
                     if step_done:
                         self.after_step(step, start)
                     stopping = vals[2] > 0
-                    periodic = (step % self.save_every == 0 or step == self.total_steps) and bad_streak == 0
+                    periodic = (
+                        step % self.save_every == 0 or step == self.total_steps or vals[-1] > 0
+                    ) and bad_streak == 0
                     if periodic or stopping:
-                        self.save(step)
+                        # Held back until the next finite loss judges its weights, unless nothing comes after it.
+                        self.save(step, defer=not stopping and step < self.total_steps)
                     if stopping:
                         bar.close()
                         self.say(
@@ -563,6 +672,8 @@ class Pretrainer:
             finally:
                 bar.close()
                 it = None
+        if code in (EXIT_OK, EXIT_INTERRUPTED):
+            self.judge_pending(None)  # a checkpoint still held back (the run ended on bad steps): nothing judged it
 
         if code == EXIT_OK and successes == 0 and step > start:
             # Every step of this run was skipped: nothing was learned and nothing new was saved.
@@ -579,6 +690,25 @@ class Pretrainer:
         if self.logger is not None:
             self.logger.close()
         return code
+
+    def report_divergence(self, step: int, bad_streak: int, nonfinite: bool) -> None:
+        """The error printed when a run stops on divergence: which steps, the checkpoint, what to change."""
+        latest = self.run_folder.latest()
+        what = "not finite" if nonfinite else "not healthy (a spike or not finite)"
+        if self.cfg.on_divergence == "rollback":
+            what += f" after {self.rollbacks} rollback(s)" if self.rollbacks else " (no checkpoint to roll back to)"
+        where = (
+            f"The last good checkpoint is {latest}: run the same command with {self.lower_lr_advice()} to resume "
+            "from it (--resume auto)"
+            if latest
+            else f"No good checkpoint was written yet: run the same command with {self.lower_lr_advice()} to start over"
+        )
+        self.say(
+            f"{PROG}: error: the loss was {what} for {bad_streak} steps in a row "
+            f"(steps {step + 2 - bad_streak}-{step + 1}); stopping. {where}; or add --on-divergence rollback to "
+            "do this automatically. Otherwise try --precision fp32, or check the data.",
+            file=sys.stderr,
+        )
 
     def train_step(self, model: nn.Module, it: Any) -> tuple[torch.Tensor, int]:
         """Forward and backward over ``accum`` micro-batches; returns (mean loss on the device, images here)."""

@@ -113,6 +113,10 @@ def assert_matches_reference(
 ) -> CheckResult:
     """Assert an adapter's output equals a gather-based reference at active sites.
 
+    A callable ``masked_out`` receives the mask in the form the encoder hands an adapter: 0/1 floats
+    ``(B, 1, h, w)`` at ``x``'s own resolution (see :func:`adapter_mask`), so an adapter registered with
+    :func:`sparsify.register_adapter` is checked exactly as ``wrap`` will call it.
+
     Args:
         masked_out: the adapter's output (B, C', *spatial'), or a callable ``f(x, mask)`` producing it.
         reference_fn: ``reference_fn(x, mask_px)`` returning the expected output (same shape), where
@@ -127,7 +131,7 @@ def assert_matches_reference(
         the passing :class:`CheckResult`.
     """
     mask_px = _mask_at(mask, tuple(x.shape[2:]))
-    out = masked_out(x, mask) if callable(masked_out) else masked_out
+    out = masked_out(x, adapter_mask(mask, x)) if callable(masked_out) else masked_out
     with torch.no_grad():
         ref = reference_fn(x, mask_px)
     if out.shape != ref.shape:
@@ -146,3 +150,14 @@ def assert_matches_reference(
     )
     _raise_if_failed([result], "adapter vs reference:")
     return result
+
+
+def adapter_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The mask as the encoder passes it to an adapter whose input is ``x``: 0/1 floats, ``x``'s spatial size.
+
+    ``mask`` is the patch mask (bool, True = visible, any resolution that divides ``x``'s); the result
+    broadcasts against ``x`` (B, 1, h, w). This is the very function the rewritten graph calls.
+    """
+    from sparsify.rewrite import mask_like
+
+    return mask_like(mask, x, tuple(range(2, x.dim())))
