@@ -135,14 +135,17 @@ def catalogue() -> list[tuple[str, str, tuple[int, ...], dict, str]]:
     return out
 
 
-def classify(record: dict) -> str:
-    """pass / principled refusal / failure, from a :func:`check_one` record."""
+def classify(record: dict, attention: bool = False) -> str:
+    """pass / principled refusal / failure, from a :func:`check_one` record. A model that attends over
+    positions counts as refused on principle only when the refusal names the attention (a hybrid
+    refused for its stem's layout names the wrong reason, issue 17 item 10)."""
     if record["ok"]:
         return "pass"
     reason = record["reason"]
     if reason.startswith("refused: "):
         text = reason.lower()
-        if any(any(key in text for key in keys) for keys in PRINCIPLED.values()):
+        keys = PRINCIPLED["attention"] if attention else [k for keys in PRINCIPLED.values() for k in keys]
+        if any(key in text for key in keys):
             return "principled refusal"
     return "failure"
 
@@ -201,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the whole catalogue: one smallest model per timm / torchvision family")
     parser.add_argument("--list", action="store_true", help="with --all: print the chosen models and stop")
     parser.add_argument("--markdown", type=Path, default=None, help="with --all: write the table here")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="re-classify and tabulate the records of an earlier --all --json run (no models run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.all:
         return _run_all(args)
+    if args.table:
+        return _summarise(json.loads(args.table.read_text()), args.markdown, 0.0)
     models = REAL_MODELS + _zoo_models()
     if args.only == "real":
         models = REAL_MODELS
@@ -310,13 +317,19 @@ def _run_all(args: argparse.Namespace) -> int:
             if nxt is None:
                 break
             tried.append(nxt)
-        record["family"], record["outcome"] = family, classify(record)
         record["attention"] = uses_attention(source, name, kwargs, _default_size(source, name, len(size)))
+        record["family"], record["outcome"] = family, classify(record, record["attention"])
         records.append(record)
         print(f"{record['outcome']:19s} {source:11s} {family:26s} {name:26s} {record['seconds']:6.1f}s "
               f"{'attn ' if record['attention'] else ''}{record['reason'][:160]}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(records, indent=1))
+    return _summarise(records, args.markdown, time.perf_counter() - start)
+
+
+def _summarise(records: list[dict], markdown: Path | None, seconds: float) -> int:
+    for r in records:
+        r["outcome"] = classify(r, r.get("attention", False))
     counts = {k: sum(r["outcome"] == k for r in records) for k in ("pass", "principled refusal", "failure")}
     total = len(records)
     good = counts["pass"] + counts["principled refusal"]
@@ -325,16 +338,16 @@ def _run_all(args: argparse.Namespace) -> int:
     summary = (f"{total} families: {counts['pass']} pass, {counts['principled refusal']} refused on principle, "
                f"{counts['failure']} fail ({100 * good / max(total, 1):.0f}% pass or are refused on principle); "
                f"without attention: {conv_good}/{len(conv)} ({100 * conv_good / max(len(conv), 1):.0f}%); "
-               f"{time.perf_counter() - start:.0f}s")
+               f"{seconds:.0f}s")
     print(summary)
-    if args.markdown:
+    if markdown:
         lines = ["| source | family | model | attention | input | outcome | reason |", "|---|---|---|---|---|---|---|"]
         for r in records:
             reason = r["reason"].replace("|", "/")[:200]
             lines.append(f"| {r['source']} | {r['family']} | {r['model']} | {'yes' if r['attention'] else ''} "
                          f"| {'x'.join(map(str, r['size']))} "
                          f"| {r['outcome']} | {reason} |")
-        args.markdown.write_text(summary + "\n\n" + "\n".join(lines) + "\n")
+        markdown.write_text(summary + "\n\n" + "\n".join(lines) + "\n")
     return 0
 
 
