@@ -10,8 +10,9 @@ file; any other mismatch is an error.
 * Linear probing (``--linear-probe``): the backbone is frozen (BatchNorm statistics included) and only
   the classifier is trained, with SGD + momentum.
 * Peak lr: the square-root rule, ``base-lr x sqrt(batch/256)``, at least ``--min-lr`` (base 1e-3 and
-  floor 1e-4 fine-tuning, 0.1 and 0.01 linear probing). The linear rule (``--lr-rule linear``) gave
-  3.1e-5 at batch 8, with which accuracy stayed flat; the rule and the value are printed in the header.
+  floor 1e-4 fine-tuning, 0.1 and 0.01 linear probing). The linear rule (``--lr-rule linear``) gives
+  3.1e-5 at batch 8, with which a user's accuracy stayed flat (measurements in the README); the rule and
+  the value are printed in the header.
 
 Validation data: ``DIR/val`` when ``DIR/train`` and ``DIR/val`` exist, else ``--val DIR``, else a
 deterministic per-class split of ``--val-fraction`` of the images.

@@ -88,6 +88,11 @@ def _running_statistics(enc):
 
 
 @pytest.fixture(scope="module")
+def tiny_encoder():
+    return _wrapped_tiny()
+
+
+@pytest.fixture(scope="module")
 def monitor(tmp_path_factory):
     from _recipe_helpers import make_labelled_folder
 
@@ -100,12 +105,14 @@ _scrambles = st.tuples(st.integers(0, 2**16), st.floats(-3.0, 3.0), st.floats(0.
 
 @settings(max_examples=6, deadline=None)
 @given(scramble=_scrambles)
-def test_score_ignores_the_running_statistics_and_keeps_them(monitor, scramble):
+def test_score_ignores_the_running_statistics_and_keeps_them(monitor, tiny_encoder, scramble):
     """Whatever training did to BatchNorm's buffers, the same weights get the same features and score."""
+    import copy
+
     from sparsify.recipes.knn import batchnorm_statistics_from, pooled_features
 
     mon = monitor
-    enc = _wrapped_tiny()
+    enc = copy.deepcopy(tiny_encoder)  # each example starts from the freshly built encoder
     cpu = torch.device("cpu")
     with batchnorm_statistics_from(enc, mon.bank, mon.batch, cpu, None):
         before = pooled_features(enc, mon.bank, mon.batch, cpu, None)
