@@ -22,8 +22,9 @@ MEAN, STD = (0.5,) * 3, (0.25,) * 3
 
 def _encoder() -> torch.nn.Module:
     sys.path.insert(0, str(HERE))
-    import sparsify
     from tiny_models import tiny_cnn
+
+    import sparsify
 
     torch.manual_seed(0)
     model = tiny_cnn()
