@@ -261,3 +261,18 @@ def test_3d_refusals_match_2d():
     replicate = nn.Sequential(nn.Conv1d(1, 4, 3, 2, 1), nn.ReplicationPad1d(1), nn.Conv1d(4, 4, 3, 2, 0))
     with pytest.raises(sparsify.SparsifyError, match="ReplicationPad1d"):
         sparsify.wrap(replicate, (64,))
+
+
+def test_nnunet_style_plan_with_skips_from_stride_1_and_a_finer_patch():
+    """nnU-Net's thick-slice plan [[1,1,1],[1,2,2],[2,2,2],[2,2,2],[1,2,2]] (R = (4, 16, 16)), the
+    encoder's skips from stride 1 named as stages, and a mask patch finer than R (as nnssl's SparK3D
+    masks blocks finer than the total stride): the whole contract in float64, train and eval."""
+    torch.manual_seed(0)
+    plan = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))
+    model = ResEncoder3d(strides=plan, widths=(4, 4, 6, 6, 8)).double()
+    skips = [f"stages.{i}.act" for i in range(5)]
+    enc = sparsify.wrap(model, (8, 32, 32), stages=skips, patch_size=(2, 8, 8))
+    assert enc.feature_strides == [1, (1, 2, 2), (2, 4, 4), (4, 8, 8), (4, 16, 16)]
+    assert enc.downsample_ratio == (4, 16, 16) and enc.patch_size == (2, 8, 8)
+    assert sparsify.wrap(model, (8, 32, 32)).feature_strides == [(2, 4, 4), (4, 8, 8), (4, 16, 16)]
+    assert_sparse_semantics(enc, torch.randn(2, 1, 8, 32, 32, dtype=torch.float64), ratio=0.6)
