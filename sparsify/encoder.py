@@ -25,7 +25,7 @@ from .masking import check_mask
 from .modes import live_mode_flags
 from .rewrite import build_dense_graph, build_sparse_graph
 from .stages import GraphNode, Stage, describe_nodes, discover_stages
-from .trace import module_path, trace
+from .trace import check_trace_matches, explain_trace_failure, module_path, trace
 from .train_branches import cut_training_branches
 
 __all__ = ["wrap", "SparseEncoder", "graph_node_names"]
@@ -525,10 +525,17 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
                             "(the encoder shares its weights), or use the encoder as it is")
     size_a, size_b = _example_sizes(model, input_size)
     gm = _trace_checked(model, tuple(leaf_modules), tuple(autowrap_functions), tracer_kwargs, concrete_args)
-    if in_chans:
-        shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
-    else:
-        in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
+    try:
+        if in_chans:
+            shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
+        else:
+            in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
+    except SparsifyError as error:
+        chans = in_chans or (_first_conv(model) is not None and _first_conv_channels(model))
+        if not chans:
+            raise
+        raise explain_trace_failure(model, gm, _example(model, chans, size_a), error) from error
+    check_trace_matches(model, gm, _example(model, in_chans, size_a))
     try:
         shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
     except SparsifyError as error:

@@ -22,7 +22,8 @@ from torch import nn
 
 from .errors import SparsifyError
 
-__all__ = ["SparsifyTracer", "trace", "module_path", "owner_path", "module_outputs"]
+__all__ = ["SparsifyTracer", "trace", "module_path", "owner_path", "module_outputs", "check_trace_matches",
+           "explain_trace_failure"]
 
 #: node.meta key: the (module path, call index) pairs whose forward returned this node, innermost first.
 MODULE_OUTPUTS = "sparsify_module_outputs"
@@ -286,3 +287,81 @@ def owner_path(node: fx.Node) -> str:
 def module_outputs(node: fx.Node) -> list[tuple[str, int]]:
     """(module path, call index) of every module call that returned ``node``, innermost first."""
     return list(node.meta.get(MODULE_OUTPUTS, ()))
+
+
+_FX_DIVERGENCE = (
+    "torch.fx recorded a different computation than {name}.forward runs: {what}. Python code that "
+    "inspects a tensor while tracing sees a placeholder, not a tensor: `isinstance(t, torch.Tensor)` or "
+    "`torch.jit.isinstance(t, torch.Tensor)` is False for it, and a branch taken on such a check (or on a "
+    "value read from a tensor) is silently left out of the graph (MONAI's BasicUNet drops its skip "
+    "concatenations this way). Keep the module that does it whole (leaf_modules=[<its class>]) and "
+    "register an adapter for it, or remove the check."
+)
+
+
+def check_trace_matches(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Raise a SparsifyError when the traced graph does not compute what the model computes.
+
+    fx records one path through ``forward``; a check that behaves differently on its placeholders
+    than on tensors (``torch.jit.isinstance``) records another one, and nothing downstream could
+    tell: every later comparison would be against the same wrong graph. So the model itself and
+    its graph are run once on ``example`` (eval mode, no grad, the model's flags restored) and their
+    outputs compared. Outputs that cannot be paired (the graph returns a different structure, e.g.
+    a training-only head cut away) are not compared.
+    """
+    from torch.utils._pytree import tree_leaves
+
+    fixed = dict(gm.meta.get("concrete_args", {}))
+    flags = [(m, m.training) for m in (*model.modules(), *gm.modules())]  # live flags may read either
+    model.eval()
+    gm.eval()
+    try:
+        with torch.no_grad():
+            expected = [t for t in tree_leaves(model(example, **fixed)) if isinstance(t, torch.Tensor)]
+            got = [t for t in tree_leaves(gm(example)) if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001  (a graph that does not run is reported where shapes are recorded)
+        return
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if len(expected) != len(got):
+        return
+    for index, (e, g) in enumerate(zip(expected, got)):
+        if e.shape != g.shape:
+            raise SparsifyError(_FX_DIVERGENCE.format(
+                name=type(model).__name__,
+                what=f"output {index} has shape {tuple(g.shape)} in the graph but {tuple(e.shape)} in the model"))
+        if not e.is_floating_point():
+            continue
+        same = (e == g) | (e.isnan() & g.isnan())  # NaN and inf where both have them agree
+        if bool(same.all()):
+            continue
+        finite = e[e.isfinite()]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
+        diff = (e - g).abs()[~same].max().item()
+        if not diff <= 1e-4 * scale + 1e-5:  # rounding apart, the same operations give the same values
+            raise SparsifyError(_FX_DIVERGENCE.format(
+                name=type(model).__name__,
+                what=f"output {index} differs by {diff:.3g} (its scale is {scale:.3g}) on the same input"))
+
+
+def explain_trace_failure(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
+                          error: SparsifyError) -> SparsifyError:
+    """The error to raise when the traced graph fails on ``example``: if the model itself runs on
+    it, the graph is not what ``forward`` computes (see :func:`check_trace_matches`), so say that;
+    otherwise the input is wrong for the model, and ``error`` says so."""
+    fixed = dict(gm.meta.get("concrete_args", {}))
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example, **fixed)
+    except Exception:  # noqa: BLE001  (the model refuses the input too: the original error stands)
+        return error
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    first = str(error).split(". Check input_size", 1)[0]
+    return SparsifyError(_FX_DIVERGENCE.format(
+        name=type(model).__name__,
+        what=f"the model runs on the example input but its graph does not ({first})"))
