@@ -56,9 +56,9 @@ def test_volume_model_keeps_the_contract(case: VolumeCase):
                 torch.testing.assert_close(feature, expected[tuple(feature.shape)], atol=1e-10, rtol=1e-10)
 
 
-def _smooth_volumes(batch: int, size, seed: int = 0) -> torch.Tensor:
+def _smooth_volumes(batch: int, chans: int, size, seed: int = 0) -> torch.Tensor:
     """Smooth random volumes: learnable structure, unlike white noise."""
-    low = torch.randn(batch, 1, *(max(1, s // 8) for s in size), generator=torch.Generator().manual_seed(seed))
+    low = torch.randn(batch, chans, *(max(1, s // 8) for s in size), generator=torch.Generator().manual_seed(seed))
     return torch.nn.functional.interpolate(low, size=size, mode="trilinear", align_corners=False)
 
 
@@ -66,7 +66,7 @@ def _smooth_volumes(batch: int, size, seed: int = 0) -> torch.Tensor:
 def test_volume_model_spark_loss_falls(case: VolumeCase):
     _, enc = _build(case, torch.float32)
     spark = SparK(enc, decoder_width=32)
-    x = _smooth_volumes(2, case.input_size)
+    x = _smooth_volumes(2, enc.in_chans, case.input_size)
     mask = spark.draw_mask(x, torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(spark.parameters(), lr=1e-2, weight_decay=0.0)
     losses = []
