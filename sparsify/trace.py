@@ -349,7 +349,10 @@ def explain_trace_failure(model: nn.Module, gm: fx.GraphModule, example: torch.T
                           error: SparsifyError) -> SparsifyError:
     """The error to raise when the traced graph fails on ``example``: if the model itself runs on
     it, the graph is not what ``forward`` computes (see :func:`check_trace_matches`), so say that;
-    otherwise the input is wrong for the model, and ``error`` says so."""
+    otherwise the input is wrong for the model, and ``error`` says so (as it does when it names a
+    fixed-size tensor of the model: that reason stands)."""
+    if "has a fixed shape" in str(error):
+        return error
     fixed = dict(gm.meta.get("concrete_args", {}))
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -361,7 +364,6 @@ def explain_trace_failure(model: nn.Module, gm: fx.GraphModule, example: torch.T
     finally:
         for m, flag in flags:
             m.training = flag
-    first = str(error).split(". Check input_size", 1)[0]
     return SparsifyError(_FX_DIVERGENCE.format(
-        name=type(model).__name__,
-        what=f"the model runs on the example input but its graph does not ({first})"))
+        name=type(model).__name__, what="the model runs on the example input but its graph does not")
+        + f"\nDetails: {error}")

@@ -63,7 +63,9 @@ def _mc3_18() -> nn.Module:
 
 CASES: list[VolumeCase] = [
     # the two: MONAI's MedicalNet ResNet-10, nnU-Net's residual encoder with anisotropic strides
-    VolumeCase("monai_resnet10", _monai("resnet10", spatial_dims=3, n_input_channels=1, num_classes=2), (64, 64, 64),
+    # (32, 64, 64), not the 64^3: the whole contract at 64^3 took 325 s of the suite's 15 minutes;
+    # half the depth gives a 1x2x2 mask grid at its stride 32.
+    VolumeCase("monai_resnet10", _monai("resnet10", spatial_dims=3, n_input_channels=1, num_classes=2), (32, 64, 64),
                slow=True),
     VolumeCase("dna_resenc_encoder", lambda: _dna_encoder("resenc"), (16, 64, 64), returns_pyramid=True),
     VolumeCase("dna_plainconv_encoder", lambda: _dna_encoder("plain"), (16, 64, 64), returns_pyramid=True),
