@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from torch import nn
-
 from sparsify.adapters.batch_norm import _zeroed_module
 from sparsify.adapters.group_norm import masked_group_norm
 from sparsify.adapters.instance_norm import masked_instance_norm
 from sparsify.adapters.pool import masked_avg_pool, masked_max_pool
+from torch import nn
+
 from sparsify.testing import (
     assert_matches_reference,
     gather_active,
