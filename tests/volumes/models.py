@@ -76,7 +76,7 @@ CASES: list[VolumeCase] = [
                                         downsample_kernel_size=1, input_3x3=False, num_classes=2), (32, 64, 64),
                slow=True),
     VolumeCase("monai_segresnet_encoder", _monai("SegResNet", spatial_dims=3, init_filters=8, in_channels=1,
-                                                 out_channels=2), (32, 32, 32),
+                                                 out_channels=2), (16, 32, 32),
                {"stages": ["down_layers.1", "down_layers.2", "down_layers.3"]}, slow=True),
     VolumeCase("monai_dynunet_encoder", _monai("DynUNet", spatial_dims=3, in_channels=1, out_channels=2,
                                                kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
@@ -86,7 +86,7 @@ CASES: list[VolumeCase] = [
                                             channels=(4, 8, 16, 16), strides=(2, 2, 2)), (32, 32, 32),
                {"stages": ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule.1.submodule"]}),
     VolumeCase("monai_mednext_encoder", _monai("MedNeXt", spatial_dims=3, init_filters=4, in_channels=1,
-                                               out_channels=2), (32, 32, 32),
+                                               out_channels=2), (16, 32, 32),
                {"stages": ["enc_stages.1", "enc_stages.2", "enc_stages.3", "bottleneck"]}, slow=True),
     VolumeCase("tv_mc3_18", _mc3_18, (8, 32, 32), slow=True),
 ]
