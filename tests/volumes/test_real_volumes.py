@@ -41,7 +41,7 @@ def _build(case: VolumeCase, dtype=torch.float64):
 def test_volume_model_keeps_the_contract(case: VolumeCase):
     model, enc = _build(case)
     assert enc.spatial_dims == 3
-    report = sparsify.verify(enc, batch=2)
+    report = sparsify.verify(enc, batch=case.verify_batch)
     assert report.passed and report.results
     assert any("own outputs" in r.name for r in report.results), "no stage was compared with the model's modules"
     if case.returns_pyramid:
