@@ -22,6 +22,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "RecipeError",
     "parse_size",
+    "parse_input_size",
     "parse_crop_scale",
     "format_size",
     "run_main",
@@ -65,6 +66,37 @@ def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def parse_input_size(text: str | int | Sequence[int], rank: int = 2) -> tuple[int, ...]:
+    """Parse ``--input-size`` for a ``rank``-D run: ``N`` (a square for 2-D, a cube for 3-D), ``HxW`` (2-D)
+    or ``DxHxW`` (3-D); a sequence of ints (a resumed run's setting) is taken as it is.
+
+    Raises:
+        RecipeError: when the text is not positive integers, or their count does not fit ``rank``.
+    """
+    forms = {2: "N (a square) or HxW, e.g. 224 or 192x256", 3: "N (a cube) or DxHxW, e.g. 64 or 48x64x64"}
+    if isinstance(text, int):
+        parts: list[str] = [str(text)]
+    elif isinstance(text, str):
+        parts = text.lower().replace("*", "x").replace(",", "x").split("x")
+    else:
+        parts = [str(v) for v in text]
+    try:
+        values = [int(p.strip()) for p in parts]
+    except ValueError:
+        values = []
+    what = "volumes" if rank == 3 else "images"
+    if not values or min(values) <= 0:
+        raise RecipeError(f"input size must be positive integers: {forms.get(rank, 'N')}; got {text!r}")
+    if len(values) == 1:
+        values = values * rank
+    if len(values) != rank:
+        other = {2: "2-D (HxW)", 3: "3-D (DxHxW)"}.get(len(values), f"{len(values)}-D")
+        raise RecipeError(
+            f"--input-size {text!r} is {other} but this run trains on {rank}-D {what}: give {forms.get(rank, 'N')}"
+        )
+    return tuple(values)
+
+
 def parse_crop_scale(text: str | Sequence[float]) -> tuple[float, float]:
     """Parse a RandomResizedCrop area range ``"0.08,1"`` (or a pair) into ``(min, max)``.
 
@@ -83,9 +115,9 @@ def parse_crop_scale(text: str | Sequence[float]) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
-def format_size(size: tuple[int, int]) -> str:
-    """``(224, 224)`` -> ``"224"``, ``(192, 256)`` -> ``"192x256"``."""
-    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+def format_size(size: Sequence[int]) -> str:
+    """``(224, 224)`` -> ``"224"``, ``(192, 256)`` -> ``"192x256"``, ``(32, 64, 64)`` -> ``"32x64x64"``."""
+    return str(size[0]) if len(set(size)) == 1 else "x".join(str(v) for v in size)
 
 
 def warn(message: str) -> None:

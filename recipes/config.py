@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .cli import RecipeError, parse_crop_scale, parse_size
+from .cli import RecipeError, parse_crop_scale, parse_input_size
 
 __all__ = [
     "PROG",
@@ -66,7 +66,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder_width": 128,
         "crop_scale": "0.2,1",
     },
+    # 3-D (volumes): "volumes" is the offline default (--volumes without --data): the built-in small 3-D
+    # ResNet on synthetic phantoms, a short CPU run; "scans" (a folder of volumes, detected or --preset) has
+    # 3-D defaults: 64^3 crops, a few hundred epochs (scan folders hold hundreds of cases, not millions).
+    "volumes": {
+        "model": "sparsify.recipes.models:small_resnet3d",
+        "input_size": "32",
+        "steps": 60,
+        "batch_size": 8,
+        "lr_rule": "linear",
+        "min_lr": 0.0,
+        "base_lr": 0.32,  # lr 0.01 at batch 8: a short run needs large LAMB steps
+        "warmup_steps": 6,
+        "decoder_width": 64,
+        "sample_length": 64,
+    },
+    "scans": {
+        "model": "sparsify.recipes.models:small_resnet3d",
+        "input_size": "64",
+        "epochs": 400.0,
+        "batch_size": None,  # one micro-batch per device
+        "lr_rule": "sqrt",
+        "base_lr": 8e-4,
+        "min_lr": 1e-3,
+        "warmup": 20.0,
+        "decoder_width": 256,
+    },
 }
+
+#: the presets of 3-D runs (volumes)
+VOLUME_PRESETS = ("volumes", "scans")
 
 # Settings shared by both presets (design.md section 7 where it says).
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -93,6 +122,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "dist_timeout": 30.0,
     "knn_k": 20,
     "save_minutes": 10.0,  # a short or killed run keeps what it did (the step interval alone may be 1000 steps)
+    "small_volumes": "pad",
 }
 
 #: How the peak learning rate follows the global batch B when --lr is not given.
@@ -114,7 +144,7 @@ DIVERGENCE_TEXT = (
 LR_FLOOR_TEXT = "then at least --min-lr (1e-3 by default with --data, 0 in the paper and demo presets)"
 
 # Settings that fix the shapes of the saved state: a resumed run may not change them.
-SHAPE_KEYS = ("model", "input_size", "in_chans", "decoder_width", "densify_norm")
+SHAPE_KEYS = ("model", "input_size", "in_chans", "decoder_width", "densify_norm", "volumes")
 
 
 @dataclasses.dataclass
@@ -123,7 +153,7 @@ class PretrainConfig:
 
     model: str
     data: str | None
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     in_chans: int | None
     epochs: float | None
     steps: int | None
@@ -171,6 +201,10 @@ class PretrainConfig:
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
     save_minutes: float = 10.0
+    volumes: bool = False  # 3-D volumes (a scan folder or the synthetic default) rather than images
+    intensity: str | None = None  # volumes: the intensity rule (recipes/volumes.py parse_intensity)
+    small_volumes: str = "pad"  # volumes smaller than the crop: pad with the background, or refuse
+    volume_cache: str | None = None  # volumes: decompressed-voxel cache folder ("none": no cache)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -219,7 +253,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--input-size",
-        help="training resolution: 224 or HxW (multiples of the model's downsample ratio, 32 for most CNNs)",
+        help="training resolution (crop): N (a square for images, a cube for volumes), HxW for images or DxHxW "
+        "for volumes (multiples of the model's downsample ratio per axis, 32 for most 2-D CNNs)",
+    )
+    d.add_argument(
+        "--volumes",
+        action="store_true",
+        default=None,
+        help="train on 3-D volumes: without --data, the offline default (a small 3-D ResNet on synthetic "
+        "phantoms, no download); with --data, read the folder as volumes (detected anyway when it holds "
+        ".nii/.nii.gz/.npy/.npz files or DICOM series)",
+    )
+    d.add_argument(
+        "--intensity",
+        help="volumes: per-volume intensity rule: percentile (default: clip to the 0.5/99.5 percentiles of the "
+        "foreground, then z-score), percentile:LO,HI, ct:L,H (a window in HU scaled to [0,1]), ct:lung, "
+        "ct:soft, ct:bone, ct:brain, or none",
+    )
+    d.add_argument(
+        "--small-volumes",
+        choices=["pad", "refuse"],
+        help="volumes smaller than the crop: pad (default: with the background value, counted in the header) "
+        "or refuse (stop naming the file)",
+    )
+    d.add_argument(
+        "--volume-cache",
+        help="volumes: folder caching decompressed voxels as .npy (default: <out>/volume_cache; 'none' = off)",
     )
     d.add_argument("--crop-scale", help="RandomResizedCrop area range 'min,max' (paper 0.67,1)")
     d.add_argument("--workers", type=int, help="data-loading worker processes per rank")
@@ -336,14 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="defaults to use: 'demo' without --data, 'default' with it; 'paper' = the paper's recipe exactly",
+        help="defaults to use: 'demo' without --data, 'default' with a folder of images, 'scans' with a folder "
+        "of volumes, 'volumes' with --volumes and no --data; 'paper' = the paper's recipe exactly",
     )
     return p
 
 
 def _epilog() -> str:
     lines = ["defaults for flags left out (an explicit flag always wins; a resumed run keeps its own):"]
-    whens = {"demo": "without --data", "default": "with --data", "paper": "--preset paper"}
+    whens = {
+        "demo": "without --data",
+        "default": "with --data",
+        "paper": "--preset paper",
+        "volumes": "--volumes without --data",
+        "scans": "--data with volumes",
+    }
     for name, values in PRESETS.items():
         shown = ", ".join(f"{k}={'auto' if v is None else v}" for k, v in values.items())
         lines.append(f"  {name} ({whens.get(name, '--preset ' + name)}): {shown}")
@@ -360,6 +426,8 @@ def _epilog() -> str:
     lines.append("  sparsify-pretrain --data ~/photos --model resnet18 --knn-data ~/labelled_photos")
     lines.append("  sparsify-pretrain --data ~/photos --model resnet50 --batch-size 256 --epochs 100")
     lines.append("  sparsify-pretrain --data /imagenet/train --preset paper   # batch 4096 by accumulation")
+    lines.append("  sparsify-pretrain --volumes                        # 3-D: offline, synthetic volumes")
+    lines.append("  sparsify-pretrain --data ~/scans --model net.py:build --input-size 96 --intensity ct:soft")
     lines.append("  torchrun --nproc-per-node 8 -m sparsify.recipes.pretrain --data /imagenet/train \\")
     lines.append("      --precision bf16 --channels-last --compile")
     return "\n".join(lines)
@@ -374,11 +442,32 @@ def default_out(explicit: dict[str, Any]) -> Path:
     """``runs/<model>-<data>`` for the settings given (before resume merging)."""
     from .models import model_slug  # deferred: imports torch
 
-    preset = explicit.get("preset") or ("default" if explicit.get("data") else "demo")
+    preset = explicit.get("preset") or _default_preset(explicit.get("data"), _is_volumes(explicit))
     model = explicit.get("model") or PRESETS[preset]["model"]
     data = explicit.get("data")
     data_name = Path(data).expanduser().resolve().name if data else "samples"
     return Path("runs") / f"{model_slug(model)}-{data_name or 'data'}"
+
+
+def _is_volumes(settings: dict[str, Any]) -> bool:
+    """Whether a run trains on volumes: ``--volumes``, a volume preset, or a ``--data`` folder holding volumes."""
+    if settings.get("volumes") or settings.get("preset") in VOLUME_PRESETS:
+        return True
+    data = settings.get("data")
+    if not data or settings.get("preset"):
+        return False
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        return False  # the missing folder is reported by the data step, with its own words
+    from .volumes import looks_like_volumes  # deferred: only runs given --data pay for it
+
+    return bool(looks_like_volumes(root))
+
+
+def _default_preset(data: str | None, volumes: bool) -> str:
+    if volumes:
+        return "scans" if data else "volumes"
+    return "default" if data else "demo"
 
 
 def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> PretrainConfig:
@@ -399,7 +488,15 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
             merged.pop("accum", None)
             merged.pop("micro_batch", None)
     merged.update(explicit)
-    preset = merged.get("preset") or ("default" if merged.get("data") else "demo")
+    volumes = bool(merged.get("volumes")) if saved and "volumes" in saved else _is_volumes(merged)
+    merged["volumes"] = volumes
+    preset = merged.get("preset") or _default_preset(merged.get("data"), volumes)
+    if volumes != (preset in VOLUME_PRESETS) and "preset" in explicit and preset != "paper":
+        kind = "volumes" if volumes else "images"
+        raise RecipeError(
+            f"--preset {preset} is for {'volumes' if preset in VOLUME_PRESETS else 'images'}, but this run "
+            f"trains on {kind}; use --preset {'scans' if volumes else 'default'}"
+        )
     base = dict(COMMON_DEFAULTS)
     base.update(PRESETS[preset])
     for k, v in base.items():
@@ -410,7 +507,7 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     if merged.get("warmup") is None and merged.get("warmup_steps") is None:
         merged["warmup"] = PRESETS["paper"]["warmup"]
     merged["preset"] = preset
-    merged["input_size"] = parse_size(merged["input_size"])
+    merged["input_size"] = parse_input_size(merged["input_size"], 3 if volumes else 2)
     merged["crop_scale"] = parse_crop_scale(merged["crop_scale"])
     merged["out"] = str(merged.get("out") or default_out(explicit))
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
@@ -462,6 +559,15 @@ def _validate(cfg: PretrainConfig) -> None:
         (cfg.save_minutes >= 0, f"--save-minutes must be >= 0, got {cfg.save_minutes}"),
         (cfg.in_chans is None or cfg.in_chans >= 1, f"--in-chans must be >= 1, got {cfg.in_chans}"),
         (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}"),
+        (
+            cfg.small_volumes in ("pad", "refuse"),
+            f"--small-volumes must be pad or refuse, got {cfg.small_volumes!r}",
+        ),
+        (
+            cfg.volumes or (cfg.intensity is None and cfg.volume_cache is None),
+            "--intensity and --volume-cache are for volumes; this run trains on images (pass --volumes, or --data "
+            "with .nii/.nii.gz/.npy/.npz files)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

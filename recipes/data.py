@@ -570,8 +570,9 @@ def estimate_channel_stats(
 class SkipCounter:
     """Main-process record of skipped (unreadable) files: warns once per file, keeps the count."""
 
-    def __init__(self, known: Sequence[str] = ()) -> None:
+    def __init__(self, known: Sequence[str] = (), noun: str = "image") -> None:
         self.paths: set[str] = set(known)
+        self.noun = noun  # "image", or "volume" (whose entries are "path (why)")
 
     def update(self, bad: Sequence[str], report: bool = True) -> None:
         from .cli import warn
@@ -580,7 +581,8 @@ class SkipCounter:
             if p not in self.paths:
                 self.paths.add(p)
                 if report:
-                    warn(f"skipped unreadable image '{p}' ({len(self.paths)} skipped so far)")
+                    what = f"unreadable image '{p}'" if self.noun == "image" else f"damaged {self.noun} {p}"
+                    warn(f"skipped {what} ({len(self.paths)} skipped so far)")
 
     @property
     def count(self) -> int:

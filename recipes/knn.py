@@ -89,7 +89,7 @@ def knn_top1(
 def pooled_features(
     encoder: nn.Module, images: torch.Tensor, batch: int, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """Global average of the coarsest feature map of ``encoder(x)`` (mask None) for every image: (N, C)."""
+    """Global average of the coarsest feature map of ``encoder(x)`` (mask None) for every image or volume: (N, C)."""
     out = []
     if images.shape[0] == 0:  # a rank with no share of the images
         return torch.zeros(0, 0)
@@ -100,7 +100,8 @@ def pooled_features(
                 feats = encoder(x)
         else:
             feats = encoder(x)
-        out.append(feats[-1].float().mean(dim=(2, 3)))
+        coarsest = feats[-1].float()
+        out.append(coarsest.mean(dim=tuple(range(2, coarsest.dim()))))  # every spatial axis (2-D or 3-D)
     return torch.cat(out)
 
 
@@ -247,6 +248,9 @@ class KnnMonitor:
         batch: images per forward pass.
         rank, world_size: this process's share of the images (see the module notes); every rank must
             build the monitor and call :meth:`evaluate` together.
+        reader: reads one class-folder tree as ``reader(root, input_size, channels, mean, std, batch, rank,
+            world_size) -> (samples, labels, indices in file order, classes)``; default: image files. Volume
+            runs pass one that reads volumes (:mod:`.scan_run`).
     """
 
     def __init__(
@@ -261,8 +265,10 @@ class KnnMonitor:
         batch: int = 64,
         rank: int = 0,
         world_size: int = 1,
+        reader: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]] | None = None,
     ) -> None:
         root = Path(root).expanduser()
+        read = reader or _read
         if not root.is_dir():
             raise RecipeError(f"--knn-data '{root}' does not exist or is not a folder (a labelled ImageFolder)")
         self.k, self.temperature, self.batch = int(k), float(temperature), max(1, int(batch))
@@ -270,12 +276,12 @@ class KnnMonitor:
         self.queries: torch.Tensor | None = None
         self.query_labels: torch.Tensor | None = None
         if (root / "train").is_dir() and (root / "val").is_dir():
-            self.bank, self.bank_labels, self.bank_index, classes = _read(root / "train", *shard)
-            self.queries, self.query_labels, self.query_index, val_classes = _read(root / "val", *shard)
+            self.bank, self.bank_labels, self.bank_index, classes = read(root / "train", *shard)
+            self.queries, self.query_labels, self.query_index, val_classes = read(root / "val", *shard)
             if val_classes != classes:
                 raise RecipeError(f"--knn-data '{root}': train/ and val/ have different class folders")
         else:
-            self.bank, self.bank_labels, self.bank_index, classes = _read(root, *shard)
+            self.bank, self.bank_labels, self.bank_index, classes = read(root, *shard)
         counts = dist_utils.all_gather_objects((len(self.bank), 0 if self.queries is None else len(self.queries)))
         self.total_bank = sum(c[0] for c in counts)
         self.total_queries = sum(c[1] for c in counts)

@@ -44,6 +44,8 @@ __all__ = [
     "same_model_spec",
     "portable_model_spec",
     "wrap_for_command_line",
+    "SMALL_RESNET3D",
+    "small_resnet3d",
 ]
 
 # Drop-path rates of the SparK paper's pretraining recipe (design.md section 7).
@@ -56,6 +58,55 @@ DROP_PATH_DEFAULTS = {
     "convnext_base": 0.3,
     "convnext_large": 0.4,
 }
+
+
+#: The ``--model`` spec of the built-in small 3-D network (the volume presets' default).
+SMALL_RESNET3D = "sparsify.recipes.models:small_resnet3d"
+
+
+class _Block3d(nn.Module):
+    """A 3-D basic residual block: two 3x3x3 convolutions, BatchNorm, a projection where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(cout)
+        self.act = nn.ReLU(inplace=True)
+        self.down: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm3d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + self.down(x))
+
+
+class SmallResNet3d(nn.Module):
+    """A small 3-D ResNet (about 1M parameters, total stride 16) for volumes: stem, three stages, head."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 2, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv3d(in_chans, widths[0], 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm3d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.layer1 = _Block3d(widths[0], widths[1], 2)
+        self.layer2 = _Block3d(widths[1], widths[2], 2)
+        self.layer3 = _Block3d(widths[2], widths[3], 2)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def small_resnet3d(in_chans: int = 1, num_classes: int = 2) -> nn.Module:
+    """The built-in small 3-D ResNet of ``sparsify-pretrain --volumes`` (``--model`` :data:`SMALL_RESNET3D`)."""
+    return SmallResNet3d(in_chans=in_chans, num_classes=num_classes)
 
 
 class ModelSpec:

@@ -50,9 +50,10 @@ class PretrainRun(Protocol):
     spark: nn.Module
     dataset: Any  # ImageFiles or SampleImages
     data_desc: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    grid: tuple[int, int]
+    mean: tuple[float, ...] | None  # None for volumes (normalised per volume)
+    std: tuple[float, ...] | None
+    grid: tuple[int, ...]
+    volume_facts: list[str]  # header lines of a volume run (empty for images)
     mask_ratio: float
     visible: int
     vis: tuple[torch.Tensor, torch.Tensor] | None
@@ -147,8 +148,10 @@ def write_reconstructions(t: PretrainRun, name: str) -> Path | None:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             out = spark.reconstruct(x, mask=mask)
+        # volumes: the three orthogonal planes through the centre of each volume
+        planes = {"num_slices": 1} if x.dim() == 5 else {}
         path = t.save_reconstructions(
-            out, t.out / name, columns=RECON_COLUMNS, mean=t.mean, std=t.std, labels=True
+            out, t.out / name, columns=RECON_COLUMNS, mean=t.mean, std=t.std, labels=True, **planes
         )
     except Exception as err:  # noqa: BLE001 - pictures must never lose a run
         warn(f"could not write {name}: {type(err).__name__}: {err}")
@@ -166,7 +169,12 @@ def finish_outputs(t: PretrainRun) -> dict[str, Path]:
     backbone = t.out / "backbone.safetensors"
     tmp = t.out / f".backbone.tmp-{os.getpid()}.safetensors"
     # The header names the model; a factory file by its absolute path, so that fine-tuning finds it anywhere.
-    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=portable_model_spec(t.cfg.model))
+    size = [int(v) for v in t.cfg.input_size]
+    # the rank and the crop it was pretrained at (and, for volumes, how intensities were normalised)
+    extra: dict[str, Any] = {"spatial_rank": len(size), "crop": size}
+    if t.cfg.volumes:
+        extra["intensity"] = (t.cfg.intensity or "percentile") if t.cfg.data else "synthetic"
+    t.export_backbone(dist_utils.unwrap(t.spark), tmp, model=portable_model_spec(t.cfg.model), metadata=extra)
     os.replace(tmp, backbone)
     written["backbone"] = backbone
     end = write_reconstructions(t, "recon_end.png")
@@ -189,12 +197,22 @@ def header(t: PretrainRun, start: int) -> None:
     cfg = t.cfg
     procs = f"{t.env.world_size} processes" if t.env.distributed else "1 process"
     epochs = t.total_steps / t.steps_per_epoch
-    t.say(f"{PROG}: {cfg.model} on {t.data_desc}, {format_size(cfg.input_size)} px")
+    rank = len(cfg.input_size)
+    unit = "px" if rank == 2 else "voxels"
+    patch = "x".join(str(s // g) for s, g in zip(cfg.input_size, t.grid))
+    if rank == 2:
+        t.say(f"{PROG}: {cfg.model} on {t.data_desc}, {format_size(cfg.input_size)} px")
+        where = f"patch {cfg.input_size[0] // t.grid[0]} px"
+    else:
+        t.say(f"{PROG}: {cfg.model} on {t.data_desc}, {rank}-D, crop {'x'.join(map(str, cfg.input_size))} {unit}")
+        where = f"{rank}-D, patch {patch} {unit} per axis (D x H x W)"
     t.say(
-        f"  SparK: patch {cfg.input_size[0] // t.grid[0]} px -> "
-        f"{t.grid[0]}x{t.grid[1]} patches, "
+        f"  SparK: {where} -> "
+        f"{'x'.join(map(str, t.grid))} patches, "
         f"mask ratio {t.mask_ratio} ({t.visible} visible), decoder width {cfg.decoder_width}"
     )
+    for line in getattr(t, "volume_facts", None) or []:
+        t.say(line)
     if cfg.lr is not None:
         rule = "set by --lr"
     else:
@@ -254,7 +272,11 @@ def summary(t: PretrainRun, outputs: dict[str, Path], losses: list[tuple[int, fl
             f"k-NN top-1 ({t.knn.description}): {100 * a0:.1f}% at step {s0} -> {100 * a1:.1f}% at step {s1} "
             f"({100 * (a1 - a0):+.1f} points)"
         )
-    if t.skipped.count:
+    if t.skipped.count and getattr(t.skipped, "noun", "image") != "image":
+        t.say(f"skipped {t.skipped.count} damaged {t.skipped.noun} file(s) (the run went on without them):")
+        for entry in sorted(t.skipped.paths):
+            t.say(f"  {entry}")
+    elif t.skipped.count:
         t.say(f"skipped {t.skipped.count} unreadable image file(s)")
     latest = ckpt.latest_checkpoint(t.ckpt_dir)
     t.say(f"outputs in {t.out}/:")
@@ -264,7 +286,11 @@ def summary(t: PretrainRun, outputs: dict[str, Path], losses: list[tuple[int, fl
         (str(latest.relative_to(t.out)) if latest else "checkpoints/", "full checkpoint (resume)"),
         ("metrics.jsonl", "one JSON row per step"),
         ("tensorboard/", f"TensorBoard events (tensorboard --logdir {t.out})"),
-        (", ".join(pictures), "reconstructions: input | masked | prediction | prediction in visible input"),
+        (
+            ", ".join(pictures),
+            "reconstructions: input | masked | prediction | prediction in visible input"
+            + (" (axial, coronal, sagittal planes through the centre)" if len(t.cfg.input_size) == 3 else ""),
+        ),
         ("loss_curve.png", "loss against step"),
     ]
     for name, what in rows:

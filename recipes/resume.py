@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .cli import RecipeError, parse_size
+from .cli import RecipeError, parse_input_size
 
 __all__ = ["check_resume"]
 
@@ -21,8 +21,12 @@ def _same(key: str, mine: Any, theirs: Any) -> bool:
         from .models import same_model_spec
 
         return same_model_spec(str(mine), str(theirs))
-    if key == "input_size":
-        return parse_size(mine) == parse_size(theirs)
+    if key == "input_size":  # the saved size has the run's rank: "16" is a cube for a 3-D run
+        rank = len(theirs) if isinstance(theirs, (list, tuple)) else 2
+        try:
+            return parse_input_size(mine, rank) == parse_input_size(theirs, rank)
+        except RecipeError:
+            return False
     if key == "crop_scale" and isinstance(theirs, (list, tuple)):
         return [float(v) for v in str(mine).split(",")] == [float(v) for v in theirs]
     if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)):

@@ -63,11 +63,9 @@ def _sparsify_api() -> tuple[Any, Any, Any, Any]:
     return wrap, SparK, save_reconstructions, export_backbone
 
 
-def _suggest_sizes(size: tuple[int, int], r: int) -> str:
-    def near(v: int) -> int:
-        return max(r, int(round(v / r)) * r)
-
-    return format_size((near(size[0]), near(size[1])))
+def _suggest_sizes(size: tuple[int, ...], r: int | tuple[int, ...]) -> str:
+    ratios = (r,) * len(size) if isinstance(r, int) else tuple(r)
+    return format_size(tuple(max(q, int(round(v / q)) * q) for v, q in zip(size, ratios)))
 
 
 def _worker_init(_: int) -> None:
@@ -98,8 +96,19 @@ class Pretrainer:
     # ---- data
     def build_data(self, channels: int) -> None:
         cfg = self.cfg
+        self.volume_facts: list[str] = []
+        self.probe_damaged: list[str] = []
         norm = default_normalisation(channels)
-        if cfg.data is None:
+        if cfg.volumes:
+            from .scan_run import volume_run_data
+
+            vd = volume_run_data(cfg, channels, self.out, is_main=self.env.is_main)
+            # volumes are normalised per volume (the intensity rule): no dataset-wide mean/std to undo
+            self.mean, self.std = None, None
+            self.dataset = vd.dataset  # type: ignore[assignment]
+            self.data_desc = vd.description
+            self.volume_facts, self.probe_damaged = vd.facts, vd.damaged
+        elif cfg.data is None:
             base = SampleImages(RandomResizedCropFlip(cfg.input_size), channels, cfg.sample_length, cfg.seed)
             if norm is None:
                 norm = estimate_channel_stats(images=base.images, channels=channels)
@@ -196,9 +205,16 @@ class Pretrainer:
         self._knn_seconds = 0.0
         self._step_times: list[float] = []
         if cfg.knn_data:
+            reader = None
+            if cfg.volumes:  # class folders of volumes, read and normalised like the training data
+                import functools
+
+                from .scan_run import read_knn_volumes
+
+                reader = functools.partial(read_knn_volumes, intensity=cfg.intensity or "percentile")
             self.knn = KnnMonitor(
                 cfg.knn_data, cfg.input_size, self.in_chans, self.mean, self.std, k=cfg.knn_k,
-                batch=self.plan.micro_batch, rank=self.env.rank, world_size=self.env.world_size,
+                batch=self.plan.micro_batch, rank=self.env.rank, world_size=self.env.world_size, reader=reader,
             )  # fmt: skip
 
     def knn_schedule(self) -> str:
@@ -261,23 +277,34 @@ class Pretrainer:
         model.to(self.env.device)
         self.user_model = model
         enc = wrap_for_command_line(wrap, model, cfg.input_size)  # a size that does not fit: the library's words
-        r = int(enc.downsample_ratio)
-        h, w = cfg.input_size
-        if h % r or w % r:
+        size = tuple(cfg.input_size)
+        rank = int(getattr(enc, "spatial_dims", 2))
+        if rank != len(size):
+            kind = {2: "images (2-D)", 3: "volumes (3-D)"}
             raise RecipeError(
-                f"--input-size {format_size(cfg.input_size)} is not a multiple of {cfg.model}'s "
+                f"{cfg.model} is a {rank}-D network but this run trains on {kind.get(len(size), len(size))}; "
+                + ("pass --volumes or a folder of volumes, or give a 3-D model" if rank == 3 else
+                   "give a 3-D model with --model, or train on images")
+            )  # fmt: skip
+        patch = enc.patch_size
+        ratios = (int(patch),) * rank if isinstance(patch, int) else tuple(int(v) for v in patch)
+        if any(v % q for v, q in zip(size, ratios)):
+            ratio = ratios[0] if len(set(ratios)) == 1 else "x".join(map(str, ratios))
+            raise RecipeError(
+                f"--input-size {format_size(size)} is not a multiple of {cfg.model}'s "
                 f"downsample ratio "
-                f"{r}; use e.g. --input-size {_suggest_sizes(cfg.input_size, r)}"
+                f"{ratio}; use e.g. --input-size {_suggest_sizes(size, ratios)}"
             )
-        self.grid = (h // r, w // r)
-        self.mask_ratio = cfg.mask_ratio if cfg.mask_ratio is not None else (0.75 if min(h, w) >= 384 else 0.6)
-        num = self.grid[0] * self.grid[1]
+        self.grid = tuple(v // q for v, q in zip(size, ratios))
+        self.mask_ratio = cfg.mask_ratio if cfg.mask_ratio is not None else (0.75 if min(size) >= 384 else 0.6)
+        num = math.prod(self.grid)
         visible = max(1, int(round(num * (1.0 - self.mask_ratio))))
         if visible >= num:
+            unit = "voxels" if rank == 3 else "px"
             raise RecipeError(
-                f"at {format_size(cfg.input_size)} px the model sees only {num} patch(es) of {r} px, "
+                f"at {format_size(size)} {unit} the model sees only {num} patch(es) of {format_size(ratios)} {unit}, "
                 f"and mask ratio "
-                f"{self.mask_ratio} masks none of them; use a larger --input-size (e.g. {4 * r})"
+                f"{self.mask_ratio} masks none of them; use a larger --input-size (e.g. {4 * max(ratios)})"
             )
         self.visible = visible
         spark = SparK(enc, mask_ratio=self.mask_ratio, decoder_width=cfg.decoder_width, densify_norm=cfg.densify_norm)
@@ -453,7 +480,7 @@ class Pretrainer:
                 f"({data.get('dataset_len')} -> {len(self.dataset)} samples); "
                 "continuing from the same step with the new data"
             )
-        self.skipped = SkipCounter(state.get("skipped_files", []))
+        self.skipped = SkipCounter(state.get("skipped_files", []), noun=self.skipped.noun)
         self.first_loss = state.get("first_loss")
         self.health = LossHealth(self.cfg.spike_factor, state.get("recent_losses") or ())
         self.rollbacks = int(state.get("rollbacks") or 0)
@@ -467,14 +494,18 @@ class Pretrainer:
         cfg, env = self.cfg, self.env
         self.explicit = explicit
         self.mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(noun="volume" if cfg.volumes else "image")
         self.first_loss: float | None = None
         self.health = LossHealth(cfg.spike_factor)
         self.lr_scale = 1.0
         self.rollbacks = 0
         self.pending: tuple[int, dict] | None = None  # a checkpoint held back until its weights are judged
         self.pending_step: int | None = None
-        if cfg.data is not None:
+        if cfg.data is not None and cfg.volumes:
+            from .volumes import find_volumes
+
+            find_volumes(Path(cfg.data).expanduser())  # a missing or empty folder stops before the model is built
+        elif cfg.data is not None:
             find_images(cfg.data)  # a missing or empty folder stops before the model is built
         self.build_model()
         self.build_data(self.in_chans)
@@ -483,6 +514,7 @@ class Pretrainer:
         torch.manual_seed(cfg.seed * 1009 + env.rank + 1)  # drop path etc.: one stream per rank
         if self.resume_state is not None:
             start = self.restore()  # restores every RNG stream as well
+        self.skipped.update(self.probe_damaged, report=False)  # the probe named them already
         self.vis = report.vis_batch(self) if env.is_main else None
         self.vis_every = cfg.vis_every or max(1, self.total_steps // 10)
         self.build_knn()
