@@ -16,7 +16,9 @@ read back by :func:`backbone_metadata`): ``sparsify.model`` (the model spec, whe
 ``sparsify.in_chans``, ``sparsify.input_size``, ``sparsify.spatial_dims`` (1, 2 or 3),
 ``sparsify.downsample_ratio`` and ``sparsify.patch_size`` (the mask patch; an int, or a list per axis
 where the axes differ), ``sparsify.stages`` (JSON: name, stride, channels per stage) and
-``sparsify.version``. ``sparsify-finetune --init backbone.safetensors`` needs no ``--model``
+``sparsify.version``, and ``sparsify.left_out`` (JSON: the names of the model's tensors the export
+leaves out, the head and anything after the last stage, e.g. EfficientNet's ``conv_head``/``bn2``; also
+printed when not empty). ``sparsify-finetune --init backbone.safetensors`` needs no ``--model``
 thanks to it. Files are written with ordinary permissions (0666 minus the umask, usually 0644).
 """
 
@@ -33,7 +35,7 @@ import torch.nn as nn
 
 from ..errors import SparsifyError
 
-__all__ = ["export_backbone", "load_backbone", "backbone_state_dict", "backbone_metadata"]
+__all__ = ["export_backbone", "load_backbone", "backbone_state_dict", "backbone_metadata", "left_out_names"]
 
 _META_PREFIX = "sparsify."
 
@@ -68,6 +70,17 @@ def backbone_state_dict(enc_or_spark: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def left_out_names(enc_or_spark: nn.Module) -> list[str] | None:
+    """The names of the wrapped model's state_dict tensors that the backbone leaves out, in the model's
+    order (the head, and layers after the last stage); None when the encoder does not know its model."""
+    encoder = _encoder_of(enc_or_spark)
+    source = getattr(encoder, "source_model", None)
+    if not isinstance(source, nn.Module):
+        return None
+    kept = set(encoder.state_dict())
+    return [k for k, v in source.state_dict().items() if k not in kept and isinstance(v, torch.Tensor)]
+
+
 def _header(encoder: nn.Module, model: str | None, extra: Mapping[str, Any] | None) -> dict[str, str]:
     """The safetensors metadata of an export (all values are strings, as the format requires)."""
     from .. import __version__
@@ -96,6 +109,9 @@ def _header(encoder: nn.Module, model: str | None, extra: Mapping[str, Any] | No
                 for st in stages
             ]
         )
+    left = left_out_names(encoder)
+    if left is not None:
+        meta[f"{_META_PREFIX}left_out"] = json.dumps(left)
     for key, value in (extra or {}).items():
         meta[f"{_META_PREFIX}{key}"] = value if isinstance(value, str) else json.dumps(value)
     return meta
@@ -158,6 +174,10 @@ def export_backbone(
     else:
         torch.save(state, path)
     _ordinary_permissions(path)
+    left = left_out_names(encoder)
+    if left:  # say what a strict load into the whole model will miss (and why: it is not the backbone)
+        shown = ", ".join(left[:12]) + (f", ... ({len(left) - 12} more)" if len(left) > 12 else "")
+        print(f"export_backbone: left out {len(left)} tensor(s) of the model (head / after the last stage): {shown}")
     return path
 
 
