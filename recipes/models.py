@@ -401,8 +401,16 @@ def backbone_header(init: str | os.PathLike[str] | None) -> dict[str, Any]:
         found["model"] = meta["model"]
     if isinstance(meta.get("in_chans"), int):
         found["in_chans"] = meta["in_chans"]
-    if meta.get("input_size"):
-        h, w = meta["input_size"]
+    size = meta.get("input_size")
+    if meta.get("spatial_dims", 2) != 2 or (size and len(size) != 2):
+        raise RecipeError(
+            f"'{init}' is a {meta.get('spatial_dims') or len(size)}-D backbone (pretrained on volumes); "
+            "sparsify-finetune fine-tunes 2-D image classifiers only. Load it into your 3-D network in Python: "
+            "sparsify.load_backbone(path, model), or model.load_state_dict(safetensors.torch.load_file(path), "
+            "strict=False) (the missing keys are the head's; the file's 'sparsify.left_out' header lists them)"
+        )
+    if size:
+        h, w = size
         found["input_size"] = f"{h}x{w}"
     return found
 

@@ -97,6 +97,12 @@ def load_spark(
     cfg = dict(state.get("config") or {})
     if "model" not in cfg or "model" not in state:
         raise RecipeError(f"'{path}' has no model settings; is it a sparsify-pretrain checkpoint?")
+    if cfg.get("volumes") or len(cfg.get("input_size") or ()) == 3:
+        raise RecipeError(
+            f"'{path}' is a 3-D (volume) run; {PROG} reconstructs images only. The run folder already holds "
+            "its slice pictures (recon_start.png, recon_latest.png, recon_end.png: three planes through each "
+            "volume's centre); in Python, SparK.reconstruct and sparsify.save_reconstructions draw any volumes"
+        )
     size = tuple(input_size or cfg["input_size"])
     model = build_model(cfg["model"], in_chans=cfg.get("in_chans"), drop_path=float(cfg.get("drop_path") or 0.0))
     enc = sparsify.wrap(model, input_size=tuple(cfg["input_size"]))
