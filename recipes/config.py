@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--vis-every",
         type=int,
-        help="log reconstructions to TensorBoard (and recon_latest.png) every N steps (default: 10 times a run)",
+        help="write reconstructions to recon_latest.png (and TensorBoard) every N steps (default: 10 times a run); "
+        "volumes: the three orthogonal planes through each volume's centre",
     )
     k = p.add_argument_group("k-NN monitor")
     k.add_argument(

@@ -89,6 +89,8 @@ def volume_run_data(cfg: Any, channels: int, out: Path, is_main: bool = True) ->
     pad = "refuse" if cfg.small_volumes == "refuse" else "background"
     base = volumes.VolumeDataset(cases, crop, intensity=intensity, cache_dir=cache, pad=pad, train=True, seed=cfg.seed)
     found = base.survey()
+    # known damaged from now on (in every worker's copy too): training skips them without reading them again
+    base.damaged.update({str(p): "unreadable header" for p in found["unreadable"]})
     damaged = [f"{p} (unreadable header)" for p in found["unreadable"]]
     for entry in damaged if is_main else []:
         warn(f"damaged volume {entry}: it is skipped and the run goes on")

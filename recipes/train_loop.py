@@ -256,9 +256,9 @@ class Pretrainer:
                 self.evaluate_knn(step)
         if not self.env.is_main:
             return
-        if self.logger is not None and self.logger.writer is not None and step % self.vis_every == 0:
+        if step % self.vis_every == 0:  # the picture with or without TensorBoard
             path = report.write_reconstructions(self, "recon_latest.png")
-            if path is not None:
+            if path is not None and self.logger is not None and self.logger.writer is not None:
                 self.logger.add_image("reconstructions", path, step)
 
     # ---- model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,39 @@ TINY = f"{HERE / 'tiny_models.py'}:tiny_cnn"
 #: Flags of a fast pretraining run on the tiny CNN (tests add --data/--out/--steps and their own).
 FAST_PRETRAIN = ["--model", TINY, "--input-size", "32", "--batch-size", "4", "--decoder-width", "32",
                  "--workers", "0", "--no-tensorboard"]
+
+
+# Runs the CLI in a fresh interpreter and SIGKILLs it half-way through writing its KILL_AT-th checkpoint
+# (argv[1]; the CLI's own arguments follow).
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+from sparsify.recipes import checkpoint
+real_save = torch.save
+calls = {"n": 0}
+kill_at = int(sys.argv.pop(1))
+def save(obj, f, *a, **k):
+    calls["n"] += 1
+    if calls["n"] == kill_at:
+        f.write(b"the first bytes of a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+checkpoint.torch.save = save
+from sparsify.recipes import pretrain
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def run_killed(args: list[str], cwd: Path, kill_at: int = 3, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``sparsify-pretrain args`` in a subprocess that ``kill -9``s itself while writing checkpoint ``kill_at``."""
+    return subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(kill_at), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def run_pretrain(args: list[str], capsys) -> tuple[int, str, str]:

@@ -4,12 +4,10 @@ optimiser and BatchNorm state are all restored."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _recipe_helpers import TINY, losses
+from _recipe_helpers import TINY, losses, run_killed
 from sparsify.recipes import pretrain
 from sparsify.recipes.checkpoint import list_checkpoints
 
@@ -39,26 +37,6 @@ ARGS = [
     "3",
 ]
 
-# Runs the CLI, and SIGKILLs itself half-way through writing its third checkpoint (step 6).
-_KILL_SCRIPT = """
-import os, signal, sys
-import torch
-from sparsify.recipes import checkpoint
-real_save = torch.save
-calls = {"n": 0}
-def save(obj, f, *a, **k):
-    calls["n"] += 1
-    if calls["n"] == 3:
-        f.write(b"the first bytes of a checkpoint")
-        f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *a, **k)
-checkpoint.torch.save = save
-from sparsify.recipes import pretrain
-sys.exit(pretrain.main(sys.argv[1:]))
-"""
-
-
 def test_sigkill_then_resume_equals_uninterrupted(
     image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -67,13 +45,7 @@ def test_sigkill_then_resume_equals_uninterrupted(
     assert pretrain.main([*data, *ARGS, "--workers", "0", "--out", str(straight)]) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILL_SCRIPT, *data, *ARGS, "--workers", "0", "--out", str(killed)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    proc = run_killed([*data, *ARGS, "--workers", "0", "--out", str(killed)], tmp_path)  # dies writing step 6
     assert proc.returncode == -9, proc.stderr
     assert [s for s, _ in list_checkpoints(killed / "checkpoints")] == [2, 4]  # the torn step-6 write is not one
     assert max(losses(killed)) == 6  # it had logged up to step 6 when it died
