@@ -21,12 +21,13 @@ Files and layout
       ``channels == L``. Otherwise, when ``channels`` is 1 or not given, each of the L time points
       (or echoes) is a separate single-channel sample. Any other combination is refused with a message
       saying what to do (pass a model with L input channels, or split the file).
-    * Multi-modal stacks by folder: when every folder that holds volume files (two folders at least, or
-      one when ``channels`` equals its file count; never the data folder itself) holds the same set of
-      at least two file names, after removing the folder's own name from each file name (so
-      ``BraTS_001/BraTS_001_t1.nii.gz`` and ``BraTS_002/BraTS_002_t1.nii.gz`` match), each folder is
-      one case and its files, in sorted name order, are its channels (when ``channels`` is given it
-      must equal the number of files). The files of one case must share one 3-D shape.
+    * Multi-modal stacks by folder: when ``channels`` is 2 or more and every folder that holds volume
+      files (never the data folder itself) holds the same set of ``channels`` file names, after removing
+      the folder's own name from each file name (so ``BraTS_001/BraTS_001_t1.nii.gz`` and
+      ``BraTS_002/BraTS_002_t1.nii.gz`` match), each folder is one case and its files, in sorted name
+      order, are its channels. The files of one case must share one 3-D shape. Without ``channels``
+      (or with 1) every file is its own case: only the model's channel count can tell case folders
+      from class folders whose files happen to be named alike.
     * 3-D files with ``channels`` > 1 and no such folders are refused (nothing is repeated silently).
     * Labels: when every case lies below a first-level sub-folder of the data folder (below it, for a
       case folder), there are at least two such folders and one of them holds two cases or more, the
@@ -175,9 +176,11 @@ def _modality_key(folder: Path, name: str) -> str:
 
 
 def _multimodal(base: Path, groups: list[tuple[Path, list[str], bool]], channels: int | None) -> bool:
-    if any(dicom for _, _, dicom in groups) or any(f == base for f, _, _ in groups):
+    # Only the model's channel count decides: class folders of files named alike would otherwise look
+    # like case folders.
+    if channels is None or channels < 2:
         return False
-    if len(groups) < 2 and channels in (None, 1):  # one folder of files: a case folder only when channels say so
+    if any(dicom for _, _, dicom in groups) or any(f == base for f, _, _ in groups):
         return False
     keys = {tuple(sorted(_modality_key(f, n) for n in names)) for f, names, _ in groups}
     if len(keys) != 1:
@@ -185,7 +188,7 @@ def _multimodal(base: Path, groups: list[tuple[Path, list[str], bool]], channels
     count = len(next(iter(keys)))
     if count < 2 or any(len(set(k)) != len(k) for k in keys):
         return False
-    return channels is None or channels == count
+    return channels == count
 
 
 def _refuse_channels(path: Path, what: str, channels: int) -> RecipeError:
@@ -196,21 +199,21 @@ def _refuse_channels(path: Path, what: str, channels: int) -> RecipeError:
     )
 
 
-def _single_cases(path: Path, channels: int | None) -> tuple[list[VolumeCase], bool]:
-    """The cases one file gives (without labels) and whether its header could be read."""
+def _single_cases(path: Path, channels: int | None) -> tuple[list[VolumeCase], DamagedVolume | None]:
+    """The cases one file gives (without labels), and why its header could not be read (None: it could)."""
     try:
         shape = probe_shape(path)
-    except DamagedVolume:
-        return [VolumeCase((path,))], False
+    except DamagedVolume as exc:
+        return [VolumeCase((path,))], exc
     if len(shape) == 3:
         if channels not in (None, 1):
             raise _refuse_channels(path, f"is a single-channel 3-D volume {shape}", int(channels))
-        return [VolumeCase((path,))], True
+        return [VolumeCase((path,))], None
     lead = shape[0]
     if channels == lead:
-        return [VolumeCase((path,))], True
+        return [VolumeCase((path,))], None
     if channels in (None, 1):
-        return [VolumeCase((path,), frame=t) for t in range(lead)], True
+        return [VolumeCase((path,), frame=t) for t in range(lead)], None
     raise RecipeError(
         f"'{path}' is 4-D with {lead} volumes along its 4th axis {shape}, but the model takes {channels} input "
         f"channels; use a model with {lead} input channels (they become channels) or with 1 (each becomes a "
@@ -253,13 +256,15 @@ def find_volumes(root: str | os.PathLike[str], *, channels: int | None = None) -
             raise _refuse_channels(first, "is a single-channel DICOM series", int(channels))
     cases: list[tuple[VolumeCase, int]] = []  # (case, depth of the label folder: 1 file, 2 case folder)
     readable = 0
+    first_damage: list[DamagedVolume] = []
     if _multimodal(base, groups, channels):
         for folder, names, _ in groups:
             paths = tuple(folder / n for n in sorted(names, key=lambda n: _modality_key(folder, n)))
             for p in paths:
                 try:
                     shape = probe_shape(p)
-                except DamagedVolume:
+                except DamagedVolume as exc:
+                    first_damage.append(exc)
                     continue
                 readable += 1
                 if len(shape) == 4:
@@ -274,12 +279,14 @@ def find_volumes(root: str | os.PathLike[str], *, channels: int | None = None) -
                 cases.append((VolumeCase((folder,)), 2))
                 readable += 1
             for n in names:
-                got, ok = _single_cases(folder / n, channels)
-                readable += ok
+                got, damage = _single_cases(folder / n, channels)
+                readable += damage is None
+                first_damage.extend([damage] if damage is not None else [])
                 cases.extend((c, 1) for c in got)
     if readable == 0:
+        why = f"{first_damage[0].path}': {first_damage[0].why}" if first_damage else f"{cases[0][0].paths[0]}'"
         raise RecipeError(
-            f"none of the volume files under '{root}' could be read (e.g. '{cases[0][0].paths[0]}'); "
+            f"none of the volume files under '{root}' could be read (e.g. '{why}); "
             f"are they valid {', '.join(VOLUME_SUFFIXES)} files?"
         )
     labels = _labels(base, cases)
@@ -474,8 +481,8 @@ class VolumeDataset(Dataset):
         if self.train:
             flips = [axis + 1 for axis in range(3) if bool(torch.rand(1, generator=g) < 0.5)]
             if flips:
-                out = np.flip(out, axis=flips)
-        return torch.from_numpy(np.ascontiguousarray(out))
+                out = np.flip(out, axis=flips).copy()  # a copy: torch refuses negative strides
+        return torch.from_numpy(out)
 
     def survey(self) -> dict[str, object]:
         """Headers only, in this process: spacings seen and cases smaller than the crop (for the run header).
