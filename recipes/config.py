@@ -455,7 +455,7 @@ def _is_volumes(settings: dict[str, Any]) -> bool:
     if settings.get("volumes") or settings.get("preset") in VOLUME_PRESETS:
         return True
     data = settings.get("data")
-    if not data or settings.get("preset"):
+    if not data:
         return False
     root = Path(data).expanduser()
     if not root.is_dir():
@@ -492,7 +492,7 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     volumes = bool(merged.get("volumes")) if saved and "volumes" in saved else _is_volumes(merged)
     merged["volumes"] = volumes
     preset = merged.get("preset") or _default_preset(merged.get("data"), volumes)
-    if volumes != (preset in VOLUME_PRESETS) and "preset" in explicit and preset != "paper":
+    if volumes != (preset in VOLUME_PRESETS) and "preset" in explicit:
         kind = "volumes" if volumes else "images"
         raise RecipeError(
             f"--preset {preset} is for {'volumes' if preset in VOLUME_PRESETS else 'images'}, but this run "
