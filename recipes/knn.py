@@ -250,7 +250,7 @@ class KnnMonitor:
             build the monitor and call :meth:`evaluate` together.
         reader: reads one class-folder tree as ``reader(root, input_size, channels, mean, std, batch, rank,
             world_size) -> (samples, labels, indices in file order, classes)``; default: image files. Volume
-            runs pass one that reads volumes (:mod:`.scan_run`).
+            runs pass one that reads volumes (:mod:`.scan_run`). noun: what the samples are, for the description.
     """
 
     def __init__(
@@ -266,6 +266,7 @@ class KnnMonitor:
         rank: int = 0,
         world_size: int = 1,
         reader: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]] | None = None,
+        noun: str = "images",
     ) -> None:
         root = Path(root).expanduser()
         read = reader or _read
@@ -286,9 +287,9 @@ class KnnMonitor:
         self.total_bank = sum(c[0] for c in counts)
         self.total_queries = sum(c[1] for c in counts)
         if self.queries is not None:
-            self.description = f"{self.total_bank} + {self.total_queries} images (train/val), {len(classes)} classes"
+            self.description = f"{self.total_bank} + {self.total_queries} {noun} (train/val), {len(classes)} classes"
         else:
-            self.description = f"{self.total_bank} images, {len(classes)} classes, leave-one-out"
+            self.description = f"{self.total_bank} {noun}, {len(classes)} classes, leave-one-out"
         self.classes = classes
 
     @property

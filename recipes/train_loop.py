@@ -215,6 +215,7 @@ class Pretrainer:
             self.knn = KnnMonitor(
                 cfg.knn_data, cfg.input_size, self.in_chans, self.mean, self.std, k=cfg.knn_k,
                 batch=self.plan.micro_batch, rank=self.env.rank, world_size=self.env.world_size, reader=reader,
+                noun="volumes" if cfg.volumes else "images",
             )  # fmt: skip
 
     def knn_schedule(self) -> str:

@@ -58,7 +58,7 @@ def test_offline_volume_default_runs_and_states_its_geometry(offline_run: tuple[
     assert code == 0, printed
     assert "8 synthetic volumes (offline phantoms, no data, no download), 3-D, crop 32x32x32 voxels" in printed
     assert "patch 16x16x16 voxels per axis (D x H x W) -> 2x2x2 patches" in printed
-    assert "k-NN monitor: 8 images, 2 classes" in printed
+    assert "k-NN monitor: 8 volumes, 2 classes, leave-one-out" in printed
     rows = [r for r in metrics(out) if "knn_top1" in r]
     assert rows and all(0.0 <= r["knn_top1"] <= 1.0 for r in rows)
     for name in ("recon_start.png", "recon_end.png", "backbone.safetensors", "loss_curve.png"):
@@ -165,3 +165,42 @@ def test_small_volumes_refuse_names_the_file(tmp_path: Path, capsys) -> None:
             "--decoder-width", "8", "--workers", "0", "--no-tensorboard", "--out", str(tmp_path / "run")]  # fmt: skip
     code, _, err = run_pretrain([*args, "--small-volumes", "refuse"], capsys)
     assert code == 2 and "smaller than the crop 32x32x32" in err and "tiny.npy" in err and "--small-volumes pad" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["monai", "nnunet"])
+def test_backbone_loads_strictly_into_monai_and_nnunet_encoders(family: str, tmp_path: Path) -> None:
+    """What users of 3-D code load a pretrained encoder into: MONAI's resnet10 without its head, nnU-Net's
+    residual encoder (an anisotropic plan). The export takes every tensor, so a strict load succeeds."""
+    import sparsify
+    from sparsify.spark.export import backbone_metadata, load_backbone
+
+    if family == "monai":
+        nets = pytest.importorskip("monai.networks.nets")
+        make = functools.partial(nets.resnet10, spatial_dims=3, n_input_channels=1, feed_forward=False)
+        size = (32, 32, 32)
+    else:
+        pytest.importorskip("dynamic_network_architectures")
+        from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+        from torch import nn
+
+        make = functools.partial(
+            ResidualEncoder, 1, 3, [8, 16, 32], nn.Conv3d, 3, [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [1, 1, 1],
+            conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, return_skips=True,
+        )  # fmt: skip
+        size = (8, 16, 16)
+    torch.manual_seed(0)
+    enc = sparsify.wrap(make(), input_size=size)
+    spark = sparsify.SparK(enc, decoder_width=16)
+    spark(torch.randn(2, 1, *size)).backward()  # one pretraining step's worth of gradients
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = sparsify.export_backbone(spark, tmp_path / "b.safetensors", metadata={"spatial_rank": 3, "crop": list(size)})
+    meta = backbone_metadata(path)
+    assert meta["left_out"] == [] and meta["spatial_rank"] == 3 and meta["crop"] == list(size)
+    fresh = make()
+    fresh.load_state_dict(load_backbone(path), strict=True)
+    for name, value in enc.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
