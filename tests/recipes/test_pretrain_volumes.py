@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from _recipe_helpers import metrics, run_pretrain
-
 from sparsify.recipes.cli import RecipeError, parse_input_size
 from sparsify.recipes.config import resolve_config
 from sparsify.recipes.models import SMALL_RESNET3D, small_resnet3d

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from _recipe_helpers import losses, run_killed
-
 from sparsify.recipes import pretrain
 from sparsify.recipes.checkpoint import list_checkpoints
 
