@@ -304,6 +304,30 @@ def test_intensity_rules_exact_values() -> None:
             parse_intensity(bad)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.floats(-2000, 3000, allow_nan=False, width=32), min_size=8, max_size=64),
+    low=st.floats(0, 10),
+    high=st.floats(90, 100),
+)
+def test_percentile_rule_z_scores_the_clipped_foreground(values: list[float], low: float, high: float) -> None:
+    vol = np.asarray(values, np.float32).reshape(-1, 1, 1)
+    rule = parse_intensity(f"percentile:{low},{high}")
+    stats = rule.stats(vol)
+    out = rule.apply(vol, stats).reshape(-1).astype(np.float64)
+    fg = vol.reshape(-1) > vol.min()
+    if not fg.any():
+        fg[:] = True
+    assert abs(out[fg].mean()) < 1e-3 * max(1.0, np.abs(out).max())
+    if stats[3] > 1e-3:
+        assert out[fg].std() == pytest.approx(1.0, rel=1e-3)
+    assert rule.background(stats) == pytest.approx(out.min(), abs=1e-4)  # padding = the darkest voxel
+    ct = parse_intensity("ct:bone")
+    ct_out = ct.apply(vol, ct.stats(vol)).reshape(-1)
+    assert ct_out.min() >= 0 and ct_out.max() <= 1
+    assert np.all(np.diff(ct_out[np.argsort(vol.reshape(-1), kind="stable")]) >= 0)  # monotone
+
+
 # ------------------------------------------------------------------------------------------- crops
 
 
