@@ -7,6 +7,10 @@ bundled with scikit-image. With ``--data DIR`` the defaults are the SparK paper'
 accumulation) with the peak lr max(8e-4 x sqrt(batch/256), 1e-3); ``--preset paper`` is the recipe
 exactly (global batch 4096 by accumulation, lr 2e-4 x batch/256). Every flag overrides.
 
+Volumes: a ``--data`` folder of scans (NIfTI, NumPy, DICOM series; :mod:`.volumes`) is detected and trained
+in 3-D with the ``scans`` preset (64^3 crops); ``--volumes`` alone is the offline default (a small 3-D
+ResNet on synthetic phantoms). :mod:`.scan_run` fits volumes into the same run.
+
 Outputs go to ``runs/<name>/`` (or ``--out``): ``checkpoints/`` (full state, atomic, auto-resumed),
 ``backbone.safetensors`` (the pretrained model's weights, original names, head removed),
 ``metrics.jsonl``, ``tensorboard/``, ``recon_start.png`` / ``recon_end.png`` / ``recon_latest.png``

@@ -244,6 +244,11 @@ def header(t: PretrainRun, start: int) -> None:
         t.say(f"  k-NN monitor: {t.knn.description} from '{cfg.knn_data}', k={cfg.knn_k}, {t.knn_schedule()}")
     if start:
         t.say(f"  resuming from {t.resume_from} at step {start}")
+    if cfg.preset == "volumes" and cfg.data is None:
+        t.say(
+            "  (--volumes without --data: the offline volume default, synthetic phantoms. For scans pass --data DIR "
+            "(.nii/.nii.gz/.npy/.npz/DICOM) and your network with --model; the 'scans' preset then crops 64^3)"
+        )
     if cfg.preset == "demo" and cfg.data is None:
         t.say(
             "  (no --data: the quick demo settings. For real runs pass --data DIR; the defaults then follow "

@@ -192,8 +192,7 @@ def test_backbone_loads_strictly_into_monai_and_nnunet_encoders(family: str, tmp
     torch.manual_seed(0)
     enc = sparsify.wrap(make(), input_size=size)
     spark = sparsify.SparK(enc, decoder_width=16)
-    spark(torch.randn(2, 1, *size)).backward()  # one pretraining step's worth of gradients
-    with torch.no_grad():
+    with torch.no_grad():  # weights unlike a fresh network's, as after pretraining
         for p in enc.parameters():
             p.add_(0.01 * torch.randn_like(p))
     path = sparsify.export_backbone(spark, tmp_path / "b.safetensors", metadata={"spatial_rank": 3, "crop": list(size)})
