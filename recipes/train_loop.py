@@ -277,6 +277,16 @@ class Pretrainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.env.device)
         self.user_model = model
+        first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        if cfg.volumes and first is not None and not isinstance(first, nn.Conv3d):
+            from .models import SMALL_RESNET3D
+
+            source = f"the --data folder '{cfg.data}' holds volumes" if cfg.data else "--volumes"
+            raise RecipeError(
+                f"{cfg.model} is not a 3-D network (its first convolution is {type(first).__name__}), but this run "
+                f"trains on 3-D volumes ({source}); give a 3-D network with --model (your own file.py:function, a "
+                f"MONAI or nnU-Net network, or {SMALL_RESNET3D})"
+            )
         enc = wrap_for_command_line(wrap, model, cfg.input_size)  # a size that does not fit: the library's words
         size = tuple(cfg.input_size)
         rank = int(getattr(enc, "spatial_dims", 2))

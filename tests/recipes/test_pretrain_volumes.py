@@ -164,6 +164,10 @@ def test_small_volumes_refuse_names_the_file(tmp_path: Path, capsys) -> None:
             "--decoder-width", "8", "--workers", "0", "--no-tensorboard", "--out", str(tmp_path / "run")]  # fmt: skip
     code, _, err = run_pretrain([*args, "--small-volumes", "refuse"], capsys)
     assert code == 2 and "smaller than the crop 32x32x32" in err and "tiny.npy" in err and "--small-volumes pad" in err
+    from _recipe_helpers import TINY
+
+    code, _, err = run_pretrain([*args, "--model", TINY], capsys)  # a 2-D network on volumes
+    assert code == 2 and "is not a 3-D network (its first convolution is Conv2d)" in err and "holds volumes" in err
 
 
 @pytest.mark.slow
