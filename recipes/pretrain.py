@@ -47,7 +47,7 @@ from .config import (
 from .resume import check_resume
 
 # Settings a resumed run may change, with a notice (the shape-fixing ones, SHAPE_KEYS, it may not).
-NOTICE_KEYS = ("batch_size", "mask_ratio", "seed", "accum", "crop_scale")
+NOTICE_KEYS = ("batch_size", "mask_ratio", "seed", "accum", "crop_scale", "intensity")
 
 __all__ = ["PRESETS", "COMMON_DEFAULTS", "PretrainConfig", "build_parser", "resolve_config", "main"]
 

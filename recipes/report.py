@@ -279,8 +279,11 @@ def summary(t: PretrainRun, outputs: dict[str, Path], losses: list[tuple[int, fl
         )
     if t.skipped.count and getattr(t.skipped, "noun", "image") != "image":
         t.say(f"skipped {t.skipped.count} damaged {t.skipped.noun} file(s) (the run went on without them):")
-        for entry in sorted(t.skipped.paths):
+        entries = sorted(t.skipped.paths)
+        for entry in entries[:20]:
             t.say(f"  {entry}")
+        if len(entries) > 20:
+            t.say(f"  ... and {len(entries) - 20} more (all of them are in the checkpoint's 'skipped_files')")
     elif t.skipped.count:
         t.say(f"skipped {t.skipped.count} unreadable image file(s)")
     latest = ckpt.latest_checkpoint(t.ckpt_dir)

@@ -206,3 +206,18 @@ def test_backbone_loads_strictly_into_monai_and_nnunet_encoders(family: str, tmp
     fresh.load_state_dict(load_backbone(path), strict=True)
     for name, value in enc.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+def test_resume_check_reads_a_3d_size_in_its_own_rank(tmp_path: Path) -> None:
+    from sparsify.recipes import pretrain
+    from sparsify.recipes.resume import check_resume
+
+    keys, notice = pretrain.SHAPE_KEYS, pretrain.NOTICE_KEYS
+    saved = {"model": SMALL_RESNET3D, "input_size": [16, 16, 16], "volumes": True, "intensity": "percentile"}
+    assert check_resume(tmp_path, {"input_size": "16", "volumes": True}, saved, {}, keys, notice) == []
+    assert check_resume(tmp_path, {"input_size": "16x16x16"}, saved, {}, keys, notice) == []
+    for wrong in ("32", "16x16", "16x16x32"):
+        with pytest.raises(RecipeError, match="--input-size"):
+            check_resume(tmp_path, {"input_size": wrong}, saved, {}, keys, notice)
+    notes = check_resume(tmp_path, {"intensity": "ct:soft"}, saved, {}, keys, notice)
+    assert notes == ["note: --intensity changes from percentile (the checkpoint's) to ct:soft for the rest of this run"]
