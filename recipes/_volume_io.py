@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "probe_spacing",
     "load_raw",
     "cached_raw",
+    "cached_stats",
     "NPZ_KEYS",
 ]
 
@@ -379,3 +381,34 @@ def cached_raw(path: Path, cache_dir: Path | None) -> tuple[np.ndarray, tuple[fl
     _atomic_write(meta, lambda f: f.write(record.encode()))
     _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))
     return np.load(npy, mmap_mode="r", allow_pickle=False), spacing
+
+
+def cached_stats(
+    paths: tuple[Path, ...], tag: str, cache_dir: Path | None, compute: Callable[[], list[tuple[float, ...]]]
+) -> list[tuple[float, ...]]:
+    """Per-channel intensity statistics of one case, stored in ``cache_dir`` next to the voxels.
+
+    ``tag`` names what the statistics depend on besides the sources (the rule, the time point); the
+    sources' identities (path, size, modification time) are part of the key, so an edited file gets
+    new statistics. Without ``cache_dir`` this is just ``compute()``.
+    """
+    if cache_dir is None:
+        return compute()
+    import hashlib
+
+    try:
+        ident = "|".join(_source_key(p) for p in paths) + "|" + tag
+    except OSError:
+        return compute()  # the source is gone: reading it will name it as damaged
+    key = hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
+    target = cache_dir / f"{key}.stats.json"
+    if target.exists():
+        try:
+            return [tuple(float(v) for v in c) for c in json.loads(target.read_text())["stats"]]
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed
+            pass
+    stats = compute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    record = json.dumps({"sources": [str(p) for p in paths], "tag": tag, "stats": [list(c) for c in stats]})
+    _atomic_write(target, lambda f: f.write(record.encode()))
+    return stats

@@ -53,7 +53,9 @@ Crops (:class:`VolumeDataset`)
       (a deterministic choice); when no case can be read a clear error is raised.
     * ``cache_dir``: decompressed voxels are stored as ``.npy`` (atomic writes), keyed by the source's
       path, size and modification time, and memory-mapped by later epochs and runs; ``.npy`` sources are
-      memory-mapped directly. Only the crop is then materialised.
+      memory-mapped directly. Only the crop is then materialised. The per-volume intensity statistics
+      are cached there too (``<key>.stats.json``), so a new run or a fresh worker does not read whole
+      volumes again to recompute them.
     * With a multi-worker DataLoader each worker holds its own copy of the dataset: ``damaged``,
       ``padded_count`` and ``spacings_seen`` then count in that worker only, not in the main process.
       Use :meth:`VolumeDataset.sample` (its third item names the files skipped for that sample, as the
@@ -77,6 +79,7 @@ from ._volume_io import (
     VOLUME_SUFFIXES,
     DamagedVolume,
     cached_raw,
+    cached_stats,
     is_dicom_file,
     load_raw,
     probe_shape,
@@ -452,7 +455,9 @@ class VolumeDataset(Dataset):
 
     def _channel_stats(self, j: int, chans: list[np.ndarray]) -> list[tuple[float, ...]]:
         if j not in self._stats:
-            self._stats[j] = [self.rule.stats(c) for c in chans]
+            case = self.cases[j]
+            tag = f"{self.rule.kind}:{self.rule.low!r},{self.rule.high!r}/frame={case.frame}/v1"
+            self._stats[j] = cached_stats(case.paths, tag, self.cache_dir, lambda: [self.rule.stats(c) for c in chans])
         return self._stats[j]
 
     def _crop(self, j: int, g: torch.Generator) -> torch.Tensor:

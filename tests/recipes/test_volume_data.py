@@ -22,6 +22,7 @@ from sparsify.recipes.cli import RecipeError
 from sparsify.recipes.volumes import (
     VOLUME_SUFFIXES,
     DamagedVolume,
+    IntensityRule,
     SyntheticVolumes,
     VolumeCase,
     VolumeDataset,
@@ -415,13 +416,15 @@ def test_cache_reused_without_touching_the_source(tmp_path: Path, monkeypatch: p
     cases = find_volumes(tmp_path / "data")
     first = VolumeDataset(cases, 4, cache_dir=cache, train=False)[0]
     stored = sorted(p.name for p in cache.iterdir())
-    assert len(stored) == 2 and stored[0].endswith(".json") and stored[1].endswith(".npy")  # no temporaries left
-    assert np.load(cache / stored[1]).dtype == np.int16  # raw voxels, their own dtype
+    assert sorted(name.split(".", 1)[1] for name in stored) == ["json", "npy", "stats.json"]  # no temporaries
+    (voxels,) = cache.glob("*.npy")
+    assert np.load(voxels).dtype == np.int16  # raw voxels, their own dtype
 
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("the source was decoded again")
 
     monkeypatch.setattr(_volume_io, "load_raw", no_decoding)
+    monkeypatch.setattr(IntensityRule, "stats", no_decoding)  # nor are its statistics recomputed
     again = VolumeDataset(cases, 4, cache_dir=cache, train=False)  # a new run, same cache folder
     assert torch.equal(again[0], first)
     monkeypatch.undo()
@@ -430,6 +433,9 @@ def test_cache_reused_without_touching_the_source(tmp_path: Path, monkeypatch: p
     os.utime(src, ns=(1, 1))
     changed = VolumeDataset(cases, 4, cache_dir=cache, train=False, intensity="none")[0]
     assert len(list(cache.glob("*.npy"))) == 2
+    renormalised = VolumeDataset(cases, 4, cache_dir=cache, train=False)[0]
+    assert len(list(cache.glob("*.stats.json"))) == 3  # percentile (old, new source) and none (new)
+    torch.testing.assert_close(renormalised, VolumeDataset(cases, 4, train=False)[0])  # as without a cache
     assert torch.equal(changed, VolumeDataset(cases, 4, train=False, intensity="none")[0])
     assert torch.equal(changed, 2 * VolumeDataset(cases, 4, cache_dir=cache, train=False, intensity="none")[0] / 2)
     assert not torch.equal(changed, first)
