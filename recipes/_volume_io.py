@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import RecipeError
+from .cli import RecipeError, warn
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -375,12 +375,25 @@ def cached_raw(path: Path, cache_dir: Path | None) -> tuple[np.ndarray, tuple[fl
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the source
             pass
     arr, spacing = load_raw(path, mmap=False)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     arr = np.ascontiguousarray(arr)
     record = json.dumps({"source": str(path), "spacing": list(spacing) if spacing is not None else None})
-    _atomic_write(meta, lambda f: f.write(record.encode()))
-    _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(meta, lambda f: f.write(record.encode()))
+        _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))
+    except OSError as exc:  # a full disk or a read-only cache slows the run down; it must not stop it
+        _warn_once(f"volume cache '{cache_dir}' cannot be written ({exc}); reading without it")
+        return arr, spacing
     return np.load(npy, mmap_mode="r", allow_pickle=False), spacing
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warn(message)
 
 
 def cached_stats(
@@ -408,7 +421,10 @@ def cached_stats(
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed
             pass
     stats = compute()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     record = json.dumps({"sources": [str(p) for p in paths], "tag": tag, "stats": [list(c) for c in stats]})
-    _atomic_write(target, lambda f: f.write(record.encode()))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, lambda f: f.write(record.encode()))
+    except OSError as exc:
+        _warn_once(f"volume cache '{cache_dir}' cannot be written ({exc}); reading without it")
     return stats

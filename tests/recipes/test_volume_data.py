@@ -441,6 +441,16 @@ def test_cache_reused_without_touching_the_source(tmp_path: Path, monkeypatch: p
     assert not torch.equal(changed, first)
 
 
+def test_unwritable_cache_slows_down_but_does_not_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _nifti(tmp_path / "data" / "v.nii.gz", _ramp((6, 7, 8), np.int16))
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    cases = find_volumes(tmp_path / "data")
+    x = VolumeDataset(cases, 4, cache_dir=blocked, train=False)[0]
+    assert torch.equal(x, VolumeDataset(cases, 4, train=False)[0])
+    assert "cannot be written" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- synthetic, loader
 
 
@@ -466,3 +476,10 @@ def test_dataloader_two_workers_matches_one_process(tmp_path: Path) -> None:
     assert torch.equal(torch.cat(batches), ref)
     assert ds2.damaged == {}  # counted in the workers, not here (documented)
     assert list(ds.damaged) == [str(tmp_path / "v9.npy")]
+    # two workers filling one cache at once (each writes atomically): the same samples
+    _nifti(tmp_path / "v5.nii.gz", np.random.default_rng(9).normal(size=(10, 9, 8)).astype(np.float32))
+    cases = find_volumes(tmp_path)
+    plain = torch.stack([VolumeDataset(cases, (6, 6, 6), seed=2)[i] for i in range(len(cases))])
+    cached = VolumeDataset(cases, (6, 6, 6), seed=2, cache_dir=tmp_path / "cache")
+    assert torch.equal(torch.cat(list(DataLoader(cached, batch_size=1, num_workers=2))), plain)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
