@@ -194,15 +194,31 @@ def _multimodal(base: Path, groups: list[tuple[Path, list[str], bool]], channels
     return channels == count
 
 
-def _refuse_channels(path: Path, what: str, channels: int) -> RecipeError:
+def _refuse_channels(path: Path, what: str, channels: int, hint: str = "") -> RecipeError:
     return RecipeError(
         f"'{path}' {what}, but the model takes {channels} input channels; give each case a folder of "
         f"{channels} files (one per channel, the same names in every case folder), or {channels}-channel "
-        "4-D files, or use a model with 1 input channel"
+        f"4-D files, or use a model with 1 input channel{hint}"
     )
 
 
-def _single_cases(path: Path, channels: int | None) -> tuple[list[VolumeCase], DamagedVolume | None]:
+def _odd_case_folder(base: Path, groups: list[tuple[Path, list[str], bool]], channels: int) -> str:
+    """When most folders look like case folders of ``channels`` files, name one that does not (or "")."""
+    sets = [(f, tuple(sorted(_modality_key(f, n) for n in names))) for f, names, d in groups if not d and f != base]
+    common: dict[tuple[str, ...], int] = {}
+    for _, k in sets:
+        if len(k) == channels:
+            common[k] = common.get(k, 0) + 1
+    if not common:
+        return ""
+    usual = max(common, key=lambda k: common[k])
+    odd = next(((f, k) for f, k in sets if k != usual), None)
+    if odd is None:
+        return ""
+    return f" (case folder '{odd[0]}' holds {list(odd[1])} where the others hold {list(usual)})"
+
+
+def _single_cases(path: Path, channels: int | None, hint: str = "") -> tuple[list[VolumeCase], DamagedVolume | None]:
     """The cases one file gives (without labels), and why its header could not be read (None: it could)."""
     try:
         shape = probe_shape(path)
@@ -210,7 +226,7 @@ def _single_cases(path: Path, channels: int | None) -> tuple[list[VolumeCase], D
         return [VolumeCase((path,))], exc
     if len(shape) == 3:
         if channels not in (None, 1):
-            raise _refuse_channels(path, f"is a single-channel 3-D volume {shape}", int(channels))
+            raise _refuse_channels(path, f"is a single-channel 3-D volume {shape}", int(channels), hint)
         return [VolumeCase((path,))], None
     lead = shape[0]
     if channels == lead:
@@ -277,12 +293,13 @@ def find_volumes(root: str | os.PathLike[str], *, channels: int | None = None) -
                     )
             cases.append((VolumeCase(paths), 2))
     else:
+        hint = _odd_case_folder(base, groups, channels) if channels is not None and channels > 1 else ""
         for folder, names, dicom in groups:
             if dicom:
                 cases.append((VolumeCase((folder,)), 2))
                 readable += 1
             for n in names:
-                got, damage = _single_cases(folder / n, channels)
+                got, damage = _single_cases(folder / n, channels, hint)
                 readable += damage is None
                 first_damage.extend([damage] if damage is not None else [])
                 cases.extend((c, 1) for c in got)

@@ -239,6 +239,12 @@ def test_multimodal_case_folders_and_class_labels(tmp_path: Path) -> None:
     assert [c.label for c in found] == ["healthy", "healthy", "tumour", "tumour"]
     ds = VolumeDataset(found, 4)
     assert ds.classes == ["healthy", "tumour"] and ds.sample(3)[1] == 1
+    # a case folder missing a modality is named
+    _nifti(tmp_path / "c03" / "c03_t1.nii.gz", np.zeros((4, 5, 6), np.int16))
+    _nifti(tmp_path / "c03" / "c03_t2.nii.gz", np.zeros((4, 5, 6), np.int16))
+    with pytest.raises(RecipeError, match=r"case folder '.*c03' holds \['_t1.nii.gz', '_t2.nii.gz'\] where"):
+        find_volumes(tmp_path, channels=3)
+    shutil.rmtree(tmp_path / "c03")
     # channel shapes that differ inside a case: named and skipped as damaged
     shutil.rmtree(labelled)
     _nifti(tmp_path / "c02" / "c02_t1.nii.gz", np.zeros((4, 5, 7), np.int16))
