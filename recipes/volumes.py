@@ -5,6 +5,7 @@ Files and layout
       ([t,] z, y, x), i.e. (D, H, W) = (z, y, x). No reorientation to a standard frame is done: voxels
       are used in the order the file stores them. The spacing (d, h, w) in mm is the header's zooms
       reordered the same way. The header's intensity scaling (scl_slope/scl_inter) is applied.
+      Uncompressed ``.nii`` files without scaling are memory-mapped (only the crop is read).
     * ``.npy``: (D, H, W) or (C, D, H, W); no spacing. Read memory-mapped: only the crop is read.
     * ``.npz``: the array under the key ``image``, ``data`` or ``volume``, else the first array; an
       optional ``spacing`` array gives (d, h, w).
@@ -55,7 +56,8 @@ Crops (:class:`VolumeDataset`)
       path, size and modification time, and memory-mapped by later epochs and runs; ``.npy`` sources are
       memory-mapped directly. Only the crop is then materialised. The per-volume intensity statistics
       are cached there too (``<key>.stats.json``), so a new run or a fresh worker does not read whole
-      volumes again to recompute them.
+      volumes again to recompute them. The folder is marked (``.sparsify-volume-cache``) and skipped by
+      :func:`find_volumes`, so it may live inside the data folder.
     * With a multi-worker DataLoader each worker holds its own copy of the dataset: ``damaged``,
       ``padded_count`` and ``spacings_seen`` then count in that worker only, not in the main process.
       Use :meth:`VolumeDataset.sample` (its third item names the files skipped for that sample, as the
@@ -76,6 +78,7 @@ from torch.utils.data import Dataset
 
 from ._synthetic_volumes import phantom
 from ._volume_io import (
+    CACHE_MARKER,
     VOLUME_SUFFIXES,
     DamagedVolume,
     cached_raw,
@@ -139,6 +142,9 @@ def _walk(base: Path) -> list[tuple[Path, list[str], bool]]:
             continue
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         folder = Path(dirpath)
+        if CACHE_MARKER in filenames:  # a voxel cache kept inside the data folder
+            dirnames[:] = []
+            continue
         names = sorted(n for n in filenames if not _is_hidden(n))
         volumes = [n for n in names if volume_suffix(n)]
         others = [n for n in names if not volume_suffix(n) and not n.lower().endswith(IMAGE_EXTENSIONS)]
@@ -162,6 +168,9 @@ def looks_like_volumes(root: str | os.PathLike[str]) -> bool:
             dirnames[:] = []
             continue
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        if CACHE_MARKER in filenames:
+            dirnames[:] = []
+            continue
         names = [n for n in filenames if not _is_hidden(n)]
         volumes += sum(1 for n in names if volume_suffix(n))
         images += sum(1 for n in names if n.lower().endswith(IMAGE_EXTENSIONS))

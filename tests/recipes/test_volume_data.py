@@ -66,6 +66,14 @@ def test_real_nibabel_samples_read_with_axes_and_spacing(tmp_path: Path) -> None
     assert vol.shape == (1, 25, 41, 33) and vol.dtype == np.float32
     np.testing.assert_array_equal(vol[0], ref.transpose(2, 1, 0))
     assert spacing == (2.0, 2.0, 2.0)
+    # uncompressed and unscaled: read in place, never copied into the cache
+    assert isinstance(_channels_of(cases[0], None)[0][0], np.memmap)
+    cached = VolumeDataset(cases, 8, cache_dir=tmp_path / "cache", train=False)
+    assert torch.equal(cached[0], VolumeDataset(cases, 8, train=False)[0])
+    assert not list((tmp_path / "cache").glob("*.npy"))
+    torch.testing.assert_close(cached[2], VolumeDataset(cases, 8, train=False)[2])  # a time point, via the cache
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert len(find_volumes(tmp_path)) == 3  # the cache inside the data folder is not searched
     ref4 = np.asarray(nib.load(str(NIB / "example4d.nii.gz")).get_fdata(), dtype=np.float32)  # (x, y, z, t)
     vol1, spacing1 = read_volume(cases[2])
     np.testing.assert_array_equal(vol1[0], ref4[..., 1].transpose(2, 1, 0))
@@ -422,7 +430,12 @@ def test_cache_reused_without_touching_the_source(tmp_path: Path, monkeypatch: p
     cases = find_volumes(tmp_path / "data")
     first = VolumeDataset(cases, 4, cache_dir=cache, train=False)[0]
     stored = sorted(p.name for p in cache.iterdir())
-    assert sorted(name.split(".", 1)[1] for name in stored) == ["json", "npy", "stats.json"]  # no temporaries
+    assert sorted(name.split(".", 1)[1] for name in stored) == [
+        "json",
+        "npy",
+        "sparsify-volume-cache",  # the marker
+        "stats.json",
+    ]  # and no temporaries left
     (voxels,) = cache.glob("*.npy")
     assert np.load(voxels).dtype == np.int16  # raw voxels, their own dtype
 
