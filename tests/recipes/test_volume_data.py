@@ -482,6 +482,11 @@ def test_synthetic_volumes_deterministic_with_two_classes() -> None:
     assert abs(float(a[0].mean())) < 0.5  # z-scored foreground
     with pytest.raises(IndexError):
         a[6]
+    # the classes differ as documented: few large blobs cover more of the volume than many small ones
+    from sparsify.recipes._synthetic_volumes import phantom
+
+    cover = [[float((phantom(i, (24, 24, 24), 1, seed=1)[0] > 0.25).mean()) for i in range(k, 20, 2)] for k in (0, 1)]
+    assert min(cover[0]) > 0 and min(cover[1]) > 0 and np.mean(cover[0]) > 2 * np.mean(cover[1])
 
 
 def test_dataloader_two_workers_matches_one_process(tmp_path: Path) -> None:
