@@ -286,6 +286,21 @@ def test_damaged_files_are_skipped_and_named(tmp_path: Path) -> None:
     with pytest.raises(DamagedVolume) as info:
         read_volume(cases[2])
     assert info.value.path == str(tmp_path / "junk.npy")
+    # valid headers, voxels cut short: memory-mapped .npy and uncompressed .nii
+    short = tmp_path / "short"
+    short.mkdir()
+    np.save(short / "s.npy", _ramp((8, 8, 8)))
+    (short / "s.npy").write_bytes((short / "s.npy").read_bytes()[:-100])
+    raw_nii = _nifti(short / "n.nii", _ramp((8, 8, 8), np.int16))
+    raw_nii.write_bytes(raw_nii.read_bytes()[:-100])
+    np.save(short / "ok.npy", _ramp((8, 8, 8)))
+    ds = VolumeDataset(find_volumes(short), 4)
+    assert [tuple(ds.sample(i)[2]) for i in range(3)] == [
+        (str(short / "n.nii"),),
+        (),
+        (str(short / "s.npy"), str(short / "n.nii")),  # wraps round past the known-damaged n.nii
+    ]
+    assert sorted(ds.damaged) == [str(short / "n.nii"), str(short / "s.npy")]
 
 
 # ------------------------------------------------------------------------------------------- intensity
