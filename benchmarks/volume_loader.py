@@ -10,8 +10,10 @@ random crops of ``--crop`` in batches of ``--batch``:
 * ``warm cache``: a new run whose cache folder is already filled (memory-mapped crops only);
 
 and the median time of a SparK step (forward, backward, AdamW) of a small 3-D network on one such
-batch. The ratio loader-time-per-batch / step-time says whether the loader keeps up (< 1 with one
-worker means yes; with W workers divide the loader time by W).
+batch. The ratio loader-time-per-batch / step-time says whether the loader keeps up (< 1 means yes).
+Times are wall-clock, so with ``--workers W`` they include the workers' parallelism (and their start
+at each epoch, which weighs on runs this short). ``--device cuda`` times the step on a GPU, where it is
+far shorter than on a CPU and the ratio matters.
 
     python -m benchmarks.volume_loader [--threads N] [--workers W] [--model small|monai:resnet10|tv:r3d_18]
 """

@@ -12,12 +12,13 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .cli import RecipeError
+from .cli import RecipeError, warn
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -29,12 +30,17 @@ __all__ = [
     "probe_spacing",
     "load_raw",
     "cached_raw",
+    "cached_stats",
     "NPZ_KEYS",
+    "CACHE_MARKER",
 ]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz")
 NPZ_KEYS = ("image", "data", "volume")
 SCANS_EXTRA_HINT = "pip install 'sparsify[scans]'"
+# A file marking a folder as a voxel cache: the folder search skips it, so a cache kept inside the
+# data folder is not read as more volumes.
+CACHE_MARKER = ".sparsify-volume-cache"
 
 
 class DamagedVolume(RecipeError):
@@ -205,18 +211,27 @@ def _as_numeric(path: Path, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
+def _read_nifti(path: Path, mmap: bool) -> tuple[np.ndarray, tuple[float, ...] | None]:
     import nibabel as nib
 
-    img = nib.load(str(path))
-    # dataobj applies the header's scaling (scl_slope/inter); raw integers stay integers when it is 1/0.
-    arr = np.asanyarray(img.dataobj)
+    img = nib.load(str(path), mmap="r" if mmap else False)
+    proxy = img.dataobj
+    # An uncompressed file without intensity scaling is read in place (memory-mapped, like a .npy);
+    # otherwise dataobj decodes it whole and applies the header's scl_slope/scl_inter.
+    arr = None
+    if mmap and not path.name.lower().endswith(".gz") and (proxy.slope, proxy.inter) == (1.0, 0.0):
+        arr = proxy.get_unscaled()
+        arr = arr if isinstance(arr, np.memmap) and arr.dtype.kind in "iuf" else None
+    mapped = arr is not None
+    arr = np.asanyarray(proxy) if arr is None else arr
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     arr = arr.reshape(_squeeze_tail(arr.shape))
     _check_rank(path, arr.shape, "x, y, z")
     # NIfTI's (x, y, z[, t]) -> ([t,] z, y, x); no reorientation to a standard frame.
     arr = arr.transpose(2, 1, 0) if arr.ndim == 3 else arr.transpose(3, 2, 1, 0)
     spacing = tuple(reversed(zooms)) if all(z > 0 for z in zooms) else None
+    if mapped:  # NIfTI stores x fastest, so this (z, y, x) view is C-ordered already
+        return arr, spacing
     return np.ascontiguousarray(_as_numeric(path, arr)), spacing
 
 
@@ -313,7 +328,7 @@ def load_raw(path: Path, *, mmap: bool = True) -> tuple[np.ndarray, tuple[float,
                 import nibabel  # noqa: F401
             except ImportError as exc:
                 raise RecipeError(f"reading '{path}' needs nibabel: {SCANS_EXTRA_HINT}") from exc
-            return _read_nifti(path)
+            return _read_nifti(path, mmap)
         if suffix in (".npy", ".npz"):
             return _read_numpy(path, mmap)
         raise DamagedVolume(path, f"not a volume file (accepted: {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)")
@@ -353,7 +368,8 @@ def _atomic_write(target: Path, write: Any) -> None:
 def cached_raw(path: Path, cache_dir: Path | None) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """:func:`load_raw`, through a cache of decompressed voxels as ``.npy`` files in ``cache_dir``.
 
-    ``.npy`` sources are memory-mapped in place (nothing to decompress). Other sources are decoded once
+    ``.npy`` sources, and uncompressed NIfTI files without intensity scaling, are memory-mapped in place
+    (nothing to decompress). Other sources are decoded once
     and stored as ``<key>.npy`` (raw voxels, their own dtype) plus ``<key>.json`` (spacing), both written
     atomically, the key being the source's path, size and modification time; later reads, in this run or
     another, memory-map the cached copy without opening the source.
@@ -372,10 +388,66 @@ def cached_raw(path: Path, cache_dir: Path | None) -> tuple[np.ndarray, tuple[fl
             return arr, (tuple(float(v) for v in spacing) if spacing is not None else None)
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the source
             pass
-    arr, spacing = load_raw(path, mmap=False)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    arr, spacing = load_raw(path, mmap=path.name.lower().endswith(".nii"))
+    if isinstance(arr, np.memmap):
+        return arr, spacing  # read in place: a copy would gain nothing
     arr = np.ascontiguousarray(arr)
     record = json.dumps({"source": str(path), "spacing": list(spacing) if spacing is not None else None})
-    _atomic_write(meta, lambda f: f.write(record.encode()))
-    _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))
+    try:
+        _make_cache_dir(cache_dir)
+        _atomic_write(meta, lambda f: f.write(record.encode()))
+        _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))
+    except OSError as exc:  # a full disk or a read-only cache slows the run down; it must not stop it
+        _warn_once(f"volume cache '{cache_dir}' cannot be written ({exc}); reading without it")
+        return arr, spacing
     return np.load(npy, mmap_mode="r", allow_pickle=False), spacing
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warn(message)
+
+
+def _make_cache_dir(cache_dir: Path) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    marker = cache_dir / CACHE_MARKER
+    if not marker.exists():
+        marker.write_text("decompressed voxels and statistics written by sparsify; safe to delete\n")
+
+
+def cached_stats(
+    paths: tuple[Path, ...], tag: str, cache_dir: Path | None, compute: Callable[[], list[tuple[float, ...]]]
+) -> list[tuple[float, ...]]:
+    """Per-channel intensity statistics of one case, stored in ``cache_dir`` next to the voxels.
+
+    ``tag`` names what the statistics depend on besides the sources (the rule, the time point); the
+    sources' identities (path, size, modification time) are part of the key, so an edited file gets
+    new statistics. Without ``cache_dir`` this is just ``compute()``.
+    """
+    if cache_dir is None:
+        return compute()
+    import hashlib
+
+    try:
+        ident = "|".join(_source_key(p) for p in paths) + "|" + tag
+    except OSError:
+        return compute()  # the source is gone: reading it will name it as damaged
+    key = hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
+    target = cache_dir / f"{key}.stats.json"
+    if target.exists():
+        try:
+            return [tuple(float(v) for v in c) for c in json.loads(target.read_text())["stats"]]
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed
+            pass
+    stats = compute()
+    record = json.dumps({"sources": [str(p) for p in paths], "tag": tag, "stats": [list(c) for c in stats]})
+    try:
+        _make_cache_dir(cache_dir)
+        _atomic_write(target, lambda f: f.write(record.encode()))
+    except OSError as exc:
+        _warn_once(f"volume cache '{cache_dir}' cannot be written ({exc}); reading without it")
+    return stats

@@ -5,6 +5,7 @@ Files and layout
       ([t,] z, y, x), i.e. (D, H, W) = (z, y, x). No reorientation to a standard frame is done: voxels
       are used in the order the file stores them. The spacing (d, h, w) in mm is the header's zooms
       reordered the same way. The header's intensity scaling (scl_slope/scl_inter) is applied.
+      Uncompressed ``.nii`` files without scaling are memory-mapped (only the crop is read).
     * ``.npy``: (D, H, W) or (C, D, H, W); no spacing. Read memory-mapped: only the crop is read.
     * ``.npz``: the array under the key ``image``, ``data`` or ``volume``, else the first array; an
       optional ``spacing`` array gives (d, h, w).
@@ -53,7 +54,10 @@ Crops (:class:`VolumeDataset`)
       (a deterministic choice); when no case can be read a clear error is raised.
     * ``cache_dir``: decompressed voxels are stored as ``.npy`` (atomic writes), keyed by the source's
       path, size and modification time, and memory-mapped by later epochs and runs; ``.npy`` sources are
-      memory-mapped directly. Only the crop is then materialised.
+      memory-mapped directly. Only the crop is then materialised. The per-volume intensity statistics
+      are cached there too (``<key>.stats.json``), so a new run or a fresh worker does not read whole
+      volumes again to recompute them. The folder is marked (``.sparsify-volume-cache``) and skipped by
+      :func:`find_volumes`, so it may live inside the data folder.
     * With a multi-worker DataLoader each worker holds its own copy of the dataset: ``damaged``,
       ``padded_count`` and ``spacings_seen`` then count in that worker only, not in the main process.
       Use :meth:`VolumeDataset.sample` (its third item names the files skipped for that sample, as the
@@ -74,9 +78,11 @@ from torch.utils.data import Dataset
 
 from ._synthetic_volumes import phantom
 from ._volume_io import (
+    CACHE_MARKER,
     VOLUME_SUFFIXES,
     DamagedVolume,
     cached_raw,
+    cached_stats,
     is_dicom_file,
     load_raw,
     probe_shape,
@@ -136,6 +142,9 @@ def _walk(base: Path) -> list[tuple[Path, list[str], bool]]:
             continue
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         folder = Path(dirpath)
+        if CACHE_MARKER in filenames:  # a voxel cache kept inside the data folder
+            dirnames[:] = []
+            continue
         names = sorted(n for n in filenames if not _is_hidden(n))
         volumes = [n for n in names if volume_suffix(n)]
         others = [n for n in names if not volume_suffix(n) and not n.lower().endswith(IMAGE_EXTENSIONS)]
@@ -159,6 +168,9 @@ def looks_like_volumes(root: str | os.PathLike[str]) -> bool:
             dirnames[:] = []
             continue
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        if CACHE_MARKER in filenames:
+            dirnames[:] = []
+            continue
         names = [n for n in filenames if not _is_hidden(n)]
         volumes += sum(1 for n in names if volume_suffix(n))
         images += sum(1 for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -191,15 +203,31 @@ def _multimodal(base: Path, groups: list[tuple[Path, list[str], bool]], channels
     return channels == count
 
 
-def _refuse_channels(path: Path, what: str, channels: int) -> RecipeError:
+def _refuse_channels(path: Path, what: str, channels: int, hint: str = "") -> RecipeError:
     return RecipeError(
         f"'{path}' {what}, but the model takes {channels} input channels; give each case a folder of "
         f"{channels} files (one per channel, the same names in every case folder), or {channels}-channel "
-        "4-D files, or use a model with 1 input channel"
+        f"4-D files, or use a model with 1 input channel{hint}"
     )
 
 
-def _single_cases(path: Path, channels: int | None) -> tuple[list[VolumeCase], DamagedVolume | None]:
+def _odd_case_folder(base: Path, groups: list[tuple[Path, list[str], bool]], channels: int) -> str:
+    """When most folders look like case folders of ``channels`` files, name one that does not (or "")."""
+    sets = [(f, tuple(sorted(_modality_key(f, n) for n in names))) for f, names, d in groups if not d and f != base]
+    common: dict[tuple[str, ...], int] = {}
+    for _, k in sets:
+        if len(k) == channels:
+            common[k] = common.get(k, 0) + 1
+    if not common:
+        return ""
+    usual = max(common, key=lambda k: common[k])
+    odd = next(((f, k) for f, k in sets if k != usual), None)
+    if odd is None:
+        return ""
+    return f" (case folder '{odd[0]}' holds {list(odd[1])} where the others hold {list(usual)})"
+
+
+def _single_cases(path: Path, channels: int | None, hint: str = "") -> tuple[list[VolumeCase], DamagedVolume | None]:
     """The cases one file gives (without labels), and why its header could not be read (None: it could)."""
     try:
         shape = probe_shape(path)
@@ -207,7 +235,7 @@ def _single_cases(path: Path, channels: int | None) -> tuple[list[VolumeCase], D
         return [VolumeCase((path,))], exc
     if len(shape) == 3:
         if channels not in (None, 1):
-            raise _refuse_channels(path, f"is a single-channel 3-D volume {shape}", int(channels))
+            raise _refuse_channels(path, f"is a single-channel 3-D volume {shape}", int(channels), hint)
         return [VolumeCase((path,))], None
     lead = shape[0]
     if channels == lead:
@@ -274,12 +302,13 @@ def find_volumes(root: str | os.PathLike[str], *, channels: int | None = None) -
                     )
             cases.append((VolumeCase(paths), 2))
     else:
+        hint = _odd_case_folder(base, groups, channels) if channels is not None and channels > 1 else ""
         for folder, names, dicom in groups:
             if dicom:
                 cases.append((VolumeCase((folder,)), 2))
                 readable += 1
             for n in names:
-                got, damage = _single_cases(folder / n, channels)
+                got, damage = _single_cases(folder / n, channels, hint)
                 readable += damage is None
                 first_damage.extend([damage] if damage is not None else [])
                 cases.extend((c, 1) for c in got)
@@ -452,7 +481,9 @@ class VolumeDataset(Dataset):
 
     def _channel_stats(self, j: int, chans: list[np.ndarray]) -> list[tuple[float, ...]]:
         if j not in self._stats:
-            self._stats[j] = [self.rule.stats(c) for c in chans]
+            case = self.cases[j]
+            tag = f"{self.rule.kind}:{self.rule.low!r},{self.rule.high!r}/frame={case.frame}/v1"
+            self._stats[j] = cached_stats(case.paths, tag, self.cache_dir, lambda: [self.rule.stats(c) for c in chans])
         return self._stats[j]
 
     def _crop(self, j: int, g: torch.Generator) -> torch.Tensor:

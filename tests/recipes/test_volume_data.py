@@ -22,6 +22,7 @@ from sparsify.recipes.cli import RecipeError
 from sparsify.recipes.volumes import (
     VOLUME_SUFFIXES,
     DamagedVolume,
+    IntensityRule,
     SyntheticVolumes,
     VolumeCase,
     VolumeDataset,
@@ -65,6 +66,14 @@ def test_real_nibabel_samples_read_with_axes_and_spacing(tmp_path: Path) -> None
     assert vol.shape == (1, 25, 41, 33) and vol.dtype == np.float32
     np.testing.assert_array_equal(vol[0], ref.transpose(2, 1, 0))
     assert spacing == (2.0, 2.0, 2.0)
+    # uncompressed and unscaled: read in place, never copied into the cache
+    assert isinstance(_channels_of(cases[0], None)[0][0], np.memmap)
+    cached = VolumeDataset(cases, 8, cache_dir=tmp_path / "cache", train=False)
+    assert torch.equal(cached[0], VolumeDataset(cases, 8, train=False)[0])
+    assert not list((tmp_path / "cache").glob("*.npy"))
+    torch.testing.assert_close(cached[2], VolumeDataset(cases, 8, train=False)[2])  # a time point, via the cache
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert len(find_volumes(tmp_path)) == 3  # the cache inside the data folder is not searched
     ref4 = np.asarray(nib.load(str(NIB / "example4d.nii.gz")).get_fdata(), dtype=np.float32)  # (x, y, z, t)
     vol1, spacing1 = read_volume(cases[2])
     np.testing.assert_array_equal(vol1[0], ref4[..., 1].transpose(2, 1, 0))
@@ -238,6 +247,12 @@ def test_multimodal_case_folders_and_class_labels(tmp_path: Path) -> None:
     assert [c.label for c in found] == ["healthy", "healthy", "tumour", "tumour"]
     ds = VolumeDataset(found, 4)
     assert ds.classes == ["healthy", "tumour"] and ds.sample(3)[1] == 1
+    # a case folder missing a modality is named
+    _nifti(tmp_path / "c03" / "c03_t1.nii.gz", np.zeros((4, 5, 6), np.int16))
+    _nifti(tmp_path / "c03" / "c03_t2.nii.gz", np.zeros((4, 5, 6), np.int16))
+    with pytest.raises(RecipeError, match=r"case folder '.*c03' holds \['_t1.nii.gz', '_t2.nii.gz'\] where"):
+        find_volumes(tmp_path, channels=3)
+    shutil.rmtree(tmp_path / "c03")
     # channel shapes that differ inside a case: named and skipped as damaged
     shutil.rmtree(labelled)
     _nifti(tmp_path / "c02" / "c02_t1.nii.gz", np.zeros((4, 5, 7), np.int16))
@@ -271,6 +286,21 @@ def test_damaged_files_are_skipped_and_named(tmp_path: Path) -> None:
     with pytest.raises(DamagedVolume) as info:
         read_volume(cases[2])
     assert info.value.path == str(tmp_path / "junk.npy")
+    # valid headers, voxels cut short: memory-mapped .npy and uncompressed .nii
+    short = tmp_path / "short"
+    short.mkdir()
+    np.save(short / "s.npy", _ramp((8, 8, 8)))
+    (short / "s.npy").write_bytes((short / "s.npy").read_bytes()[:-100])
+    raw_nii = _nifti(short / "n.nii", _ramp((8, 8, 8), np.int16))
+    raw_nii.write_bytes(raw_nii.read_bytes()[:-100])
+    np.save(short / "ok.npy", _ramp((8, 8, 8)))
+    ds = VolumeDataset(find_volumes(short), 4)
+    assert [tuple(ds.sample(i)[2]) for i in range(3)] == [
+        (str(short / "n.nii"),),
+        (),
+        (str(short / "s.npy"), str(short / "n.nii")),  # wraps round past the known-damaged n.nii
+    ]
+    assert sorted(ds.damaged) == [str(short / "n.nii"), str(short / "s.npy")]
 
 
 # ------------------------------------------------------------------------------------------- intensity
@@ -415,13 +445,20 @@ def test_cache_reused_without_touching_the_source(tmp_path: Path, monkeypatch: p
     cases = find_volumes(tmp_path / "data")
     first = VolumeDataset(cases, 4, cache_dir=cache, train=False)[0]
     stored = sorted(p.name for p in cache.iterdir())
-    assert len(stored) == 2 and stored[0].endswith(".json") and stored[1].endswith(".npy")  # no temporaries left
-    assert np.load(cache / stored[1]).dtype == np.int16  # raw voxels, their own dtype
+    assert sorted(name.split(".", 1)[1] for name in stored) == [
+        "json",
+        "npy",
+        "sparsify-volume-cache",  # the marker
+        "stats.json",
+    ]  # and no temporaries left
+    (voxels,) = cache.glob("*.npy")
+    assert np.load(voxels).dtype == np.int16  # raw voxels, their own dtype
 
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("the source was decoded again")
 
     monkeypatch.setattr(_volume_io, "load_raw", no_decoding)
+    monkeypatch.setattr(IntensityRule, "stats", no_decoding)  # nor are its statistics recomputed
     again = VolumeDataset(cases, 4, cache_dir=cache, train=False)  # a new run, same cache folder
     assert torch.equal(again[0], first)
     monkeypatch.undo()
@@ -430,9 +467,22 @@ def test_cache_reused_without_touching_the_source(tmp_path: Path, monkeypatch: p
     os.utime(src, ns=(1, 1))
     changed = VolumeDataset(cases, 4, cache_dir=cache, train=False, intensity="none")[0]
     assert len(list(cache.glob("*.npy"))) == 2
+    renormalised = VolumeDataset(cases, 4, cache_dir=cache, train=False)[0]
+    assert len(list(cache.glob("*.stats.json"))) == 3  # percentile (old, new source) and none (new)
+    torch.testing.assert_close(renormalised, VolumeDataset(cases, 4, train=False)[0])  # as without a cache
     assert torch.equal(changed, VolumeDataset(cases, 4, train=False, intensity="none")[0])
     assert torch.equal(changed, 2 * VolumeDataset(cases, 4, cache_dir=cache, train=False, intensity="none")[0] / 2)
     assert not torch.equal(changed, first)
+
+
+def test_unwritable_cache_slows_down_but_does_not_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _nifti(tmp_path / "data" / "v.nii.gz", _ramp((6, 7, 8), np.int16))
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    cases = find_volumes(tmp_path / "data")
+    x = VolumeDataset(cases, 4, cache_dir=blocked, train=False)[0]
+    assert torch.equal(x, VolumeDataset(cases, 4, train=False)[0])
+    assert "cannot be written" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- synthetic, loader
@@ -447,6 +497,11 @@ def test_synthetic_volumes_deterministic_with_two_classes() -> None:
     assert abs(float(a[0].mean())) < 0.5  # z-scored foreground
     with pytest.raises(IndexError):
         a[6]
+    # the classes differ as documented: few large blobs cover more of the volume than many small ones
+    from sparsify.recipes._synthetic_volumes import phantom
+
+    cover = [[float((phantom(i, (24, 24, 24), 1, seed=1)[0] > 0.25).mean()) for i in range(k, 20, 2)] for k in (0, 1)]
+    assert min(cover[0]) > 0 and min(cover[1]) > 0 and np.mean(cover[0]) > 2 * np.mean(cover[1])
 
 
 def test_dataloader_two_workers_matches_one_process(tmp_path: Path) -> None:
@@ -460,3 +515,10 @@ def test_dataloader_two_workers_matches_one_process(tmp_path: Path) -> None:
     assert torch.equal(torch.cat(batches), ref)
     assert ds2.damaged == {}  # counted in the workers, not here (documented)
     assert list(ds.damaged) == [str(tmp_path / "v9.npy")]
+    # two workers filling one cache at once (each writes atomically): the same samples
+    _nifti(tmp_path / "v5.nii.gz", np.random.default_rng(9).normal(size=(10, 9, 8)).astype(np.float32))
+    cases = find_volumes(tmp_path)
+    plain = torch.stack([VolumeDataset(cases, (6, 6, 6), seed=2)[i] for i in range(len(cases))])
+    cached = VolumeDataset(cases, (6, 6, 6), seed=2, cache_dir=tmp_path / "cache")
+    assert torch.equal(torch.cat(list(DataLoader(cached, batch_size=1, num_workers=2))), plain)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
