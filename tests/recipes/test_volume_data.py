@@ -289,6 +289,9 @@ def test_damaged_files_are_skipped_and_named(tmp_path: Path) -> None:
     assert bad == (str(tmp_path / "junk.npy"), str(tmp_path / "cut.nii.gz"))
     assert set(ds.damaged) == {str(tmp_path / "cut.nii.gz"), str(tmp_path / "junk.npy")}
     assert all(ds.damaged.values())
+    survey = VolumeDataset(cases, 16).survey()  # headers only: the damaged are known before training
+    assert survey["unreadable"] == [str(tmp_path / "cut.nii.gz"), str(tmp_path / "junk.npy")]
+    assert survey["small"] == [str(tmp_path / "good.nii.gz")] and survey["spacings"] == {(3.0, 2.0, 1.0)}
     # all damaged: a clear error, not a loop
     only_bad = VolumeDataset([c for c in cases if c.paths[0].name != "good.nii.gz"], 4)
     with pytest.raises(RecipeError, match="none of the 2 volumes could be read"):
