@@ -15,8 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nibabel.testing import data_path
-from torch.utils.data import DataLoader
-
 from sparsify.recipes import _volume_io
 from sparsify.recipes.cli import RecipeError
 from sparsify.recipes.volumes import (
@@ -32,6 +30,7 @@ from sparsify.recipes.volumes import (
     parse_intensity,
     read_volume,
 )
+from torch.utils.data import DataLoader
 
 NIB = Path(data_path)
 
