@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader
 
 def _write_volumes(folder: Path, n: int, size: tuple[int, int, int]) -> list[Path]:
     import nibabel as nib
-
     from sparsify.recipes._synthetic_volumes import phantom
 
     paths = []

@@ -386,7 +386,7 @@ def read_volume(case: VolumeCase, *, cache_dir: Path | None = None) -> tuple[np.
 
 
 def _as_crop(crop: int | Sequence[int]) -> tuple[int, int, int]:
-    values = (int(crop),) * 3 if isinstance(crop, int) else tuple(int(c) for c in crop)
+    values = (int(crop),) * 3 if isinstance(crop, (int, np.integer)) else tuple(int(c) for c in crop)
     if len(values) != 3 or any(v <= 0 for v in values):
         raise RecipeError(f"a volume crop needs three positive sizes (D, H, W), got {crop}")
     return values  # type: ignore[return-value]

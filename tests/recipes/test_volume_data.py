@@ -15,8 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nibabel.testing import data_path
-from torch.utils.data import DataLoader
-
 from sparsify.recipes import _volume_io
 from sparsify.recipes.cli import RecipeError
 from sparsify.recipes.volumes import (
@@ -32,6 +30,7 @@ from sparsify.recipes.volumes import (
     parse_intensity,
     read_volume,
 )
+from torch.utils.data import DataLoader
 
 NIB = Path(data_path)
 
@@ -223,7 +222,7 @@ def test_four_d_rules(tmp_path: Path) -> None:
         find_volumes(flat)
 
 
-def test_multimodal_case_folders_and_class_labels(tmp_path: Path) -> None:
+def test_multimodal_case_folders_and_class_labels(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     for case in ("c01", "c02"):
         for k, mod in enumerate(("t2", "flair", "t1")):  # channel order = sorted names: flair, t1, t2
             _nifti(tmp_path / case / f"{case}_{mod}.nii.gz", np.full((4, 5, 6), 10 * k, np.int16))
@@ -247,6 +246,16 @@ def test_multimodal_case_folders_and_class_labels(tmp_path: Path) -> None:
     assert [c.label for c in found] == ["healthy", "healthy", "tumour", "tumour"]
     ds = VolumeDataset(found, 4)
     assert ds.classes == ["healthy", "tumour"] and ds.sample(3)[1] == 1
+    # case folders inside class folders: labelled by the class folder
+    nested = tmp_path_factory.mktemp("nested")
+    for cls, case in (("glioma", "p1"), ("glioma", "p2"), ("normal", "p3")):
+        for mod in ("t1", "t2"):
+            _nifti(nested / cls / case / f"{case}_{mod}.nii.gz", np.zeros((4, 5, 6), np.int16))
+    assert [(c.label, c.paths[1].name) for c in find_volumes(nested, channels=2)] == [
+        ("glioma", "p1_t2.nii.gz"),
+        ("glioma", "p2_t2.nii.gz"),
+        ("normal", "p3_t2.nii.gz"),
+    ]
     # a case folder missing a modality is named
     _nifti(tmp_path / "c03" / "c03_t1.nii.gz", np.zeros((4, 5, 6), np.int16))
     _nifti(tmp_path / "c03" / "c03_t2.nii.gz", np.zeros((4, 5, 6), np.int16))
@@ -279,6 +288,9 @@ def test_damaged_files_are_skipped_and_named(tmp_path: Path) -> None:
     assert bad == (str(tmp_path / "junk.npy"), str(tmp_path / "cut.nii.gz"))
     assert set(ds.damaged) == {str(tmp_path / "cut.nii.gz"), str(tmp_path / "junk.npy")}
     assert all(ds.damaged.values())
+    survey = VolumeDataset(cases, 16).survey()  # headers only: the damaged are known before training
+    assert survey["unreadable"] == [str(tmp_path / "cut.nii.gz"), str(tmp_path / "junk.npy")]
+    assert survey["small"] == [str(tmp_path / "good.nii.gz")] and survey["spacings"] == {(3.0, 2.0, 1.0)}
     # all damaged: a clear error, not a loop
     only_bad = VolumeDataset([c for c in cases if c.paths[0].name != "good.nii.gz"], 4)
     with pytest.raises(RecipeError, match="none of the 2 volumes could be read"):
