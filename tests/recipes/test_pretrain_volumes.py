@@ -137,9 +137,10 @@ def test_help_documents_the_volume_flags() -> None:
 
 
 def test_volume_knn_monitor_reads_class_folders(tmp_path: Path) -> None:
-    import sparsify
     from sparsify.recipes.knn import KnnMonitor
     from sparsify.recipes.scan_run import read_knn_volumes
+
+    import sparsify
 
     root = _class_folders(tmp_path / "knn", per_class=5, size=18)
     (root / "noise" / "broken.npy").write_bytes(b"not an array")
