@@ -204,3 +204,37 @@ def test_uses_of_flattened_positions_that_are_not_pooling_are_refused(name):
     assert "merges or splits a spatial dim" in message  # the root cause comes first
     if name == "token-to-token attention":
         assert "attention over positions" in message
+
+
+@pytest.mark.slow
+def test_attention_pooling_and_group_variance_compile_fullgraph():
+    """No host synchronisation: the wrapped GC block (flat mask, masked softmax, contraction) and a
+    flat group variance compile as one graph (aot_eager also traces the backward) and match eager."""
+    import sparsify
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gc = _GC("timm")
+
+        def forward(self, x):
+            y = self.gc(x)
+            b, c, h, w = y.shape
+            g = y.reshape(b, 2, -1)
+            std = g.var(-1, keepdim=True).add(1e-5).sqrt().expand(g.shape).reshape(b, c, h, w)
+            return y / std
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    enc = sparsify.wrap(Net(), (16, 24))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 24, generator=gen)
+    r = enc.downsample_ratio
+    mask = sparsify.random_mask(2, (16 // r, 24 // r), 0.5, generator=gen)
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
+    out = compiled(x, mask)
+    ref = enc(x, mask)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    sum(o.square().sum() for o in out).backward()
+    torch._dynamo.reset()
