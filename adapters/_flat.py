@@ -307,8 +307,10 @@ def _matmul(view: NodeView, target: Any) -> Decision:
     a, b = view.arg(0, "input"), view.arg(1, "other" if target is not torch.bmm else "mat2")
     ia, ib = view.info(a), view.info(b)
     if not (isinstance(ia, FlatInfo) and isinstance(ib, FlatInfo)):
-        raise Unsupported("multiplies flattened positions with a tensor not computed from the same positions "
-                          "(a fixed positional weight)")
+        raise Unsupported("multiplies flattened positions with a tensor that is not a map of the same "
+                          "positions (a value pooled from them and applied back at every position, as in "
+                          "attention or lambda layers, or a fixed positional weight): only a product that "
+                          "contracts the positions of two maps is a pooling")
     na, nb = len(view.shape(a)), len(view.shape(b))
     if nb < 2 or ia.dim != na - 1 or ib.dim != nb - 2:
         raise Unsupported("a product of two tensors of flattened positions that does not contract over them "
