@@ -17,7 +17,7 @@ from sparsify.adapters._flat import flat_mask_like, masked_softmax
 from sparsify.adapters.reduce import masked_var
 from torch import nn
 
-from ._helpers import SETTINGS, TwoConv, cases, check_contract, refusal
+from ._helpers import FEW, SETTINGS, TwoConv, cases, check_contract, refusal
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -138,6 +138,13 @@ def test_global_context_blocks_satisfy_the_contract(form, train):
     enc = check_contract(_GC(form), input_size=(16, 24), train=train)
     names = [getattr(n.target, "__name__", "") for n in enc.graph.nodes]
     assert any(n in ("masked_softmax_over_sites", "_masked_softmax_module") for n in names), names
+
+
+@FEW
+@given(form=st.sampled_from(FORMS), h=st.integers(1, 5), w=st.integers(1, 5), batch=st.integers(1, 3),
+       seed=st.integers(0, 2**16), train=st.booleans())
+def test_global_context_blocks_over_random_sizes_and_masks(form, h, w, batch, seed, train):
+    check_contract(_GC(form), input_size=(4 * h, 4 * w), batch=batch, seed=seed, train=train)
 
 
 def test_attention_pooling_of_dirty_features_with_weights_not_from_softmax_masks_the_features():
