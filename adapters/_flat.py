@@ -14,11 +14,13 @@ one of:
 - a softmax over the flat axis: a softmax over *active* sites (masked logits are left out, not
   zeroed), so its result is a set of pooling weights that is exactly 0 at masked sites;
 - a matrix product or einsum that contracts the flat axes of two flat tensors of the same positions:
-  a pooling over active sites (global-context attention pooling).
+  a pooling over active sites (global-context attention pooling);
+- a reshape that splits the flat axis back into the map's sites (per-site work done in the flat
+  layout, e.g. a hand-written GroupNorm), except for softmax weights, which stay pooling weights.
 
-Anything else (a product over positions x positions, i.e. token-to-token attention; unflattening the
-positions back into a map; log_softmax over them) is refused, and the refusal is reported at the
-reshape that flattened the positions, with the later use named.
+Anything else (a product over positions x positions, i.e. token-to-token attention; softmax weights
+turned back into a map; log_softmax over the positions) is refused, and the refusal is reported at
+the reshape that flattened the positions, with the later use named.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class FlatInfo(Info):
     the sites (1 for a plain ``h * w`` flattening). axes: the grid axes in the order they are
     flattened. source: the spatial map that was flattened (its sizes give the mask at run time),
     src_spatial: that map's spatial dims, grid: its spatial sizes at the traced size. origin: the
-    reshape node that flattened it and reason: why that reshape alone is refused.
+    reshape node that flattened it and reason: why that reshape alone is refused. weights: computed
+    from a softmax over the positions, so usable as pooling weights only (never unflattened into a map).
     """
 
     dim: int = -1
@@ -61,6 +64,7 @@ class FlatInfo(Info):
     grid: tuple[int, ...] = ()
     origin: Any = None
     reason: str = ""
+    weights: bool = False  # a softmax over the positions (or computed from one): pooling weights only
 
     def geometry(self) -> tuple:
         return (self.lead, self.axes, self.grid)
@@ -148,14 +152,15 @@ _DELEGATED_FUNCTIONS = {
     operator.truediv, operator.neg, operator.getitem, torch.add, torch.sub, torch.mul, torch.div,
     torch.exp, torch.sigmoid, torch.relu, torch.tanh, torch.abs, torch.square, torch.sqrt, torch.clamp,
     F.relu, F.gelu, F.silu, F.sigmoid, F.dropout,
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze,
+    torch.flatten, torch.reshape, torch.unflatten, torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze,
     torch.sum, torch.mean, torch.amax, torch.amin, torch.var, torch.std, torch.var_mean, torch.std_mean,
 }
 _DELEGATED_METHODS = {
     "add", "sub", "mul", "div", "neg", "exp", "sigmoid", "relu", "tanh", "abs", "square", "sqrt",
     "clamp", "clamp_min", "clamp_max", "float", "double", "half", "bfloat16", "to", "type", "type_as",
     "contiguous", "clone", "detach", "view", "reshape", "flatten", "permute", "transpose", "unsqueeze",
-    "squeeze", "expand", "expand_as", "sum", "mean", "amax", "amin", "var", "std",
+    "squeeze", "expand", "expand_as", "sum", "mean", "amax", "amin", "var", "std", "view_as", "reshape_as",
+    "unflatten",
 }
 
 
@@ -267,11 +272,44 @@ def flat_rule(view: NodeView, rule: Callable[[NodeView], Decision] | None) -> De
     if not delegated or rule is None:
         raise Unsupported(f"{view.describe()} of flattened positions is not a pooling over them")
     fake_view = NodeView(view.node, view.module, _fake_infos(view, flats), view._shapes)
-    decision = rule(fake_view)
+    try:
+        decision = rule(fake_view)
+    except Unsupported:
+        restored = _unflatten(view, flats) if target in _RESHAPES_BACK else None
+        if restored is None:
+            raise
+        return Decision(out=restored)
     if decision.require_zero:
         raise Unsupported("needs the flattened positions zero at masked sites")
-    decision.out = _unfake(decision.out, like)
+    decision.out = _unfake(decision.out, like.but(weights=any(view.info(n).weights for n in flats)))
     return decision
+
+
+_RESHAPES_BACK = {"view", "reshape", "view_as", "reshape_as", "unflatten", torch.reshape, torch.unflatten,
+                  nn.Unflatten}
+
+
+def _unflatten(view: NodeView, flats: list[fx.Node]) -> Info | None:
+    """The map a reshape restores when it splits the flat axis back into the source's spatial sizes,
+    in the order they were flattened, right after the (batch, channel) values before them: per-site
+    work done in the flat layout (a hand-written GroupNorm: ``x.view(n, g, -1)``, normalise,
+    ``x.view(n, c, h, w)``). Softmax weights stay pooling weights and are not restored."""
+    x = view.args[0] if view.args else view.kwargs.get("input")
+    info = view.info(x)
+    if not isinstance(info, FlatInfo) or info.weights or len(flats) != 1:
+        return None
+    in_shape, out_shape = view.shape(x), view.shape()
+    if not isinstance(out_shape, torch.Size):
+        return None
+    before, after = _product(in_shape[:info.dim]), _product(in_shape[info.dim + 1:])
+    sizes = tuple(info.grid[a] for a in info.axes)  # the sites' sizes in memory order
+    n = len(sizes)
+    for j in range(1, len(out_shape) - n + 1):
+        if (tuple(out_shape[j:j + n]) == sizes and _product(out_shape[j + n:]) == after
+                and _product(out_shape[:j]) == before * info.lead and out_shape[0] == in_shape[0]):
+            spatial = tuple(j + info.axes.index(a) for a in range(n))
+            return Info(spatial=spatial, zero=info.zero, nonneg=info.nonneg, aligned=True)
+    return None
 
 
 def _softmax(view: NodeView, flats: list[fx.Node], target: Any) -> Decision:
@@ -291,7 +329,7 @@ def _softmax(view: NodeView, flats: list[fx.Node], target: Any) -> Decision:
         decision.out = _unfake(decision.out, info)
         return decision
     masked = _masked_softmax_module if view.module is not None else _SOFTMAX[target]
-    return Decision(out=info.but(zero=True, nonneg=True), masked=masked, mask_of=x)
+    return Decision(out=info.but(zero=True, nonneg=True, weights=True), masked=masked, mask_of=x)
 
 
 def _pool(view: NodeView, operands: list[Any], masked_fn: Callable, operand_index: int) -> Decision:
