@@ -105,8 +105,27 @@ class _InstanceStdAct(nn.Module):
         return x / (x * self.v[None, :, None, None] + std + 1e-3).clamp_min(1e-3)
 
 
+class _GroupNormByHand(nn.Module):
+    """The GroupNorm paper's code: view(n, g, -1), normalise over each group, view back, affine."""
+
+    def __init__(self, c: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.gamma = nn.Parameter(torch.ones(1, c, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+        n, c, h, w = x.size()
+        x = x.view(n, self.groups, -1)
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True)
+        x = (x - mean) / (var + self.eps).sqrt()
+        return x.view(n, c, h, w) * self.gamma + self.beta
+
+
 class EvoNormSNet(nn.Module):
-    """A small CNN normalised with hand-written EvoNorm-S0 (both group_std spellings)."""
+    """A small CNN normalised with hand-written EvoNorm-S0 (both group_std spellings), an instance-std
+    activation and a hand-written GroupNorm."""
 
     def __init__(self, in_chans: int = 3, width: int = 16):
         super().__init__()
@@ -116,11 +135,12 @@ class EvoNormSNet(nn.Module):
         self.n2 = _EvoNormS0(2 * width, groups=8, flat=False)
         self.act = _InstanceStdAct(2 * width)
         self.out = nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=(1, 1))
+        self.gn = _GroupNormByHand(2 * width, groups=4)
 
     def forward(self, x):
         x = self.n1(self.stem(x))
         x = self.act(self.n2(self.conv(x)))
-        return self.out(x)
+        return F.silu(self.gn(self.out(x)))
 
 
 class EvoNormB0Net(nn.Module):
