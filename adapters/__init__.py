@@ -2,15 +2,17 @@
 
 One concept per file: ``conv``, ``batch_norm``, ``group_norm``, ``instance_norm``, ``layer_norm``,
 ``pool``, ``reduce``, ``interpolate``, ``pad``, ``pointwise`` (activations and arithmetic),
-``elementwise`` (the rest of torch's elementwise operators), ``shape`` (layout operations) and
-``pooled`` (batch statistics over pooled vectors). Importing this package registers every built-in
-rule.
+``elementwise`` (the rest of torch's elementwise operators), ``shape`` (layout operations),
+``pooled`` (batch statistics over pooled vectors) and ``evo_norm`` (timm's EvoNorm-B0); the private
+``_flat`` follows positions flattened into one axis (attention pooling, group statistics). Importing
+this package registers every built-in rule.
 """
 
 from . import (  # noqa: F401  (imported for their registrations)
     batch_norm,
     conv,
     elementwise,
+    evo_norm,
     group_norm,
     instance_norm,
     interpolate,

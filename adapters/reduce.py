@@ -13,9 +13,9 @@ import torch
 
 from ._kinds import common_layout, passthrough_nonspatial
 from ._registry import POOLED, Decision, Info, NodeView, Unsupported, register_rule
-from ._stats import mask_count
+from ._stats import mask_count, masked_moments
 
-__all__ = ["masked_mean", "masked_reduce"]
+__all__ = ["masked_mean", "masked_reduce", "masked_var"]
 
 
 def _norm_dims(dim, ndim: int) -> tuple[int, ...]:
@@ -200,7 +200,90 @@ for _target in (torch.argmax, torch.argmin, "argmax", "argmin"):
     register_rule(_target, _channel_only_rule(False, True, indices=True))
 for _target in (torch.prod, "prod"):
     register_rule(_target, _channel_only_rule(True, False))
-for _target in (torch.std, torch.var, "std", "var"):
-    register_rule(_target, _channel_only_rule(True, True))
 for _target in (torch.logsumexp, "logsumexp"):
     register_rule(_target, _channel_only_rule(False, False))
+
+
+# --- variance and standard deviation over space (EvoNorm, hand-written group / instance norms) -----
+def _var_args(args: tuple, kwargs: dict) -> tuple[object, float, bool]:
+    """(dim, correction, keepdim) of a var/std call after ``input``, in any of torch's signatures."""
+    args = list(args)
+    dim = kwargs.get("dim")
+    unbiased = kwargs.get("unbiased")
+    if args and isinstance(args[0], bool):  # var(input, unbiased)
+        unbiased = args.pop(0)
+    elif args:
+        dim = args.pop(0)
+        if args and isinstance(args[0], bool):  # var(input, dim, unbiased, keepdim)
+            unbiased = args.pop(0)
+    keepdim = bool(args[0]) if args else bool(kwargs.get("keepdim", False))
+    correction = kwargs.get("correction")
+    if correction is None:
+        correction = 1 if unbiased is None else int(bool(unbiased))
+    return dim, float(correction), keepdim
+
+
+def masked_var(mask, input, dim=None, correction: float = 1.0, keepdim: bool = False,
+               *, with_mean: bool = False, root: bool = False):
+    """Variance (``root``: standard deviation) of ``input`` over ``dim`` at active sites.
+
+    The count n is the number of active sites (times the sizes of the other reduced dims); the
+    variance is sum (x - mean)^2 / (n - correction), and 0 where n <= correction (an empty or
+    one-site region has no spread to estimate; torch would give NaN). ``with_mean`` also returns the
+    mean (torch's ``var_mean`` order: (var, mean)). No host synchronisation.
+    """
+    dims = _norm_dims(dim, input.dim())
+    mean, var, n = masked_moments(input, mask.to(input.dtype) if mask.dtype == torch.bool else mask, dims)
+    if correction:
+        var = torch.where(n > correction, var * n / (n - correction).clamp_min(1.0), torch.zeros_like(var))
+    if root:
+        var = var.sqrt()
+    if not keepdim:
+        var, mean = var.squeeze(dims), mean.squeeze(dims)
+    var, mean = var.to(input.dtype), mean.to(input.dtype)
+    return (var, mean) if with_mean else var
+
+
+def _var_impl(fn: Callable, with_mean: bool, root: bool) -> Callable:
+    def masked(mask, input, *args, **kwargs):
+        if mask is None:
+            return fn(input, *args, **kwargs)
+        dim, correction, keepdim = _var_args(args, kwargs)
+        return masked_var(mask, input, dim, correction, keepdim, with_mean=with_mean, root=root)
+
+    masked.__name__ = f"masked_{getattr(fn, '__name__', 'var')}"
+    return masked
+
+
+def _var_rule(masked: Callable, with_mean: bool) -> Callable[[NodeView], Decision]:
+    """Per site over channels; over every spatial dim a masked moment; over part of space refused."""
+
+    def rule(view: NodeView) -> Decision:
+        x = view.arg(0, "input")
+        info = view.info(x)
+        if info is None or info.spatial is None:
+            return passthrough_nonspatial(view)
+        ndim = len(view.shape(x))
+        dim, _, keepdim = _var_args(view.args[1:], dict(view.kwargs))
+        dims = _norm_dims(dim, ndim)
+        touched = set(dims) & set(info.spatial)
+        if not touched:  # over channels: one value per site, 0 where every input is 0
+            layout = info.spatial if keepdim else tuple(d - sum(1 for r in dims if r < d) for d in info.spatial)
+            site = Info(spatial=layout, zero=info.zero, nonneg=True, aligned=info.aligned)
+            mean = Info(spatial=layout, zero=info.zero, nonneg=info.nonneg, aligned=info.aligned)
+            return Decision(out=(site, mean) if with_mean else site)
+        if touched != set(info.spatial):
+            raise Unsupported(f"{view.describe()} over part of space only (a positional statistic); register "
+                              "an adapter for the block")
+        # over the batch too (EvoNorm-B0's batch variance) the result is one statistic for the batch
+        out = POOLED if 0 not in dims else Info(spatial=None)
+        return Decision(out=(out, out) if with_mean else out, masked=masked, mask_of=x)
+
+    return rule
+
+
+for _targets, _with_mean, _root in (((torch.var, "var"), False, False), ((torch.std, "std"), False, True),
+                                    ((torch.var_mean,), True, False), ((torch.std_mean,), True, True)):
+    for _target in _targets:
+        _impl = _target if callable(_target) else _method(_target)
+        register_rule(_target, _var_rule(_var_impl(_impl, _with_mean, _root), _with_mean))

@@ -90,11 +90,64 @@ def track_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], spatial
     return tuple(result[d] for d in spatial)
 
 
+def reshape_varies(in_shape, varies, out_shape) -> tuple[int, ...] | None:
+    """Where a broadcast tensor's values vary after a reshape, or None when unknown.
+
+    Dims are matched in groups with equal products; within a group whose values vary only over a
+    leading part of its dims (product P), the output dims up to the first whose running product is a
+    multiple of P vary and the rest do not (row-major order): EvoNorm's per-group std expanded to
+    (B, G, C/G, H, W) and reshaped to (B, C, H, W) varies over (B, C) only.
+    """
+    if len(varies) > len(in_shape):
+        return None
+    varies = (1,) * (len(in_shape) - len(varies)) + tuple(varies)
+    result = list(out_shape)
+    i = j = 0
+    while i < len(in_shape) and j < len(out_shape):
+        gi, gj, pi, pj = [i], [j], in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                pi *= in_shape[i]
+                gi.append(i)
+                i += 1
+            else:
+                pj *= out_shape[j]
+                gj.append(j)
+                j += 1
+        moving = [k for k in gi if varies[k] != 1]
+        if not moving:
+            for k in gj:
+                result[k] = 1
+            continue
+        if any(varies[k] != in_shape[k] for k in moving):
+            return None
+        prefix = 1
+        for k in gi[:gi.index(moving[-1]) + 1]:
+            prefix *= in_shape[k]
+        run = 1
+        for k in gj:
+            if run % prefix == 0:
+                result[k] = 1
+            run *= out_shape[k]
+    if i != len(in_shape) or j != len(out_shape):
+        return None
+    return tuple(result)
+
+
 def _reshape_rule(view: NodeView) -> Decision:
     x = view.args[0] if view.args else view.kwargs.get("input")
     info = view.info(x)
     if info is None or info.spatial is None:
-        return passthrough_nonspatial(view)
+        decision = passthrough_nonspatial(view)
+        in_shape, out_shape = view.shape(x), view.shape()
+        if (isinstance(decision.out, Info) and info is not None and info.varies is not None
+                and isinstance(in_shape, torch.Size) and isinstance(out_shape, torch.Size)
+                and in_shape.numel() == out_shape.numel() and 0 not in in_shape):
+            varies = reshape_varies(tuple(in_shape), tuple(info.varies), tuple(out_shape))
+            if varies is not None:
+                decision.out = decision.out.but(varies=varies)
+        return decision
     if any(view.shape(x)[d] == 1 for d in info.spatial):
         raise Unsupported("reshape of a feature map with a size-1 spatial dim is ambiguous at the "
                           "traced size; trace with a larger input_size")

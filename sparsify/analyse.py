@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from sparsify.adapters._flat import blame, flat_inputs, flat_rule, flatten_or
 from sparsify.adapters._kinds import passthrough_nonspatial
 from sparsify.adapters._registry import (
     NONSPATIAL,
@@ -223,14 +224,18 @@ def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, grid, input_node, to_
         view = NodeView(node, module, infos, shapes_a)
         rule = find_rule(node, module)
         try:
-            if rule is None:
+            if flat_inputs(view):  # positions flattened into one axis: only pooling over them
+                decision = flat_rule(view, rule)
+            elif rule is None:
                 if view.spatial_inputs():
                     raise Unsupported("no adapter is registered for this operation")
                 decision = passthrough_nonspatial(view)
             else:
-                decision = rule(view)
+                decision = flatten_or(view, rule)
         except Unsupported as reason:
-            problems.append((node, str(reason)))
+            problem = blame(view, str(reason))
+            if problem not in problems:
+                problems.append(problem)
             poisoned.add(node)
             infos[node] = NONSPATIAL
             continue

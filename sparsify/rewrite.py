@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from sparsify.adapters._flat import FlatInfo, flat_mask_like
 from sparsify.adapters._stats import apply_mask
 
 from .analyse import Analysis
@@ -110,6 +111,14 @@ def build_sparse_graph(gm: fx.GraphModule, analysis: Analysis, outputs: list[fx.
 
     def mask_for(node: fx.Node, new_node: fx.Node) -> fx.Node:
         info = infos[node]
+        if isinstance(info, FlatInfo):  # sites flattened into one axis: the source map's mask, flattened
+            src = info.source
+            key = ("flat", tuple(shape[d] for shape in (shapes_a[src], shapes_b[src]) for d in info.src_spatial),
+                   info.src_spatial, info.dim, info.lead, len(shapes_a[node]))
+            if key not in mask_nodes:
+                mask_nodes[key] = graph.call_function(flat_mask_like, (mask_in, env[src], info.src_spatial,
+                                                                       new_node, info.dim, info.lead))
+            return mask_nodes[key]
         # Maps with the same sizes at both example sizes have the same size at every size.
         sizes = tuple(shape[d] for shape in (shapes_a[node], shapes_b[node]) for d in info.spatial)
         key = (sizes, info.spatial)
