@@ -79,7 +79,7 @@ def _randomised(module: nn.Module, seed: int) -> nn.Module:
 
 
 @SETTINGS
-@given(case=nd_cases(min_active=2), train=st.booleans(), momentum=st.sampled_from([0.1, 0.7, None]),
+@given(case=nd_cases(min_active=2, min_size=2), train=st.booleans(), momentum=st.sampled_from([0.1, 0.7, None]),
        affine=st.booleans(), seed=st.integers(0, 99))
 def test_batch_norm_1d_3d_equals_batch_norm_over_gathered_sites(case, train, momentum, affine, seed):
     x, mask = case
