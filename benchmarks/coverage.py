@@ -312,7 +312,8 @@ _TOKEN_WEIGHTS = {"normalize": 1, "softmax": None, "log_softmax": None}  # funct
 
 def _token_weights(func_name: str, args: tuple, kwargs: dict, positions: set[int]) -> bool:
     """Additive attention (SwiftFormer, Fastformer): weights normalised over the token axis of a
-    ``(B, N, k)`` token sequence (N a number of positions at some stride), which then pool the tokens
+    ``(B, N, k)`` token sequence (N a number of positions at some stride, k <= 16: one weight per
+    token or per head), which then pool the tokens
     into a global query that scales every token. A global-context pooling spells its logits
     ``(B, 1, N)`` or ``(B, N)`` and is not matched."""
     x = args[0] if args else kwargs.get("input")
@@ -323,7 +324,8 @@ def _token_weights(func_name: str, args: tuple, kwargs: dict, positions: set[int
     if not isinstance(dim, int) or dim % 3 != 1:
         return False
     n, k = x.shape[1], x.shape[2]
-    return n > 1 and n in positions and k not in positions
+    grids = {p for p in positions if p > 1}
+    return n in grids and k < n and k <= 16  # one weight per token, or one per head
 
 
 def uses_attention(source: str, name: str, kwargs: dict, size: tuple[int, ...]) -> bool:
