@@ -118,7 +118,7 @@ def test_verify_passes_aspp_with_an_image_pool_branch():
     from tests.zoo._patterns_cov_verify import AsppImagePoolNet
 
     torch.manual_seed(0)
-    enc = sparsify.wrap(AsppImagePoolNet(), (32, 32))
+    enc = sparsify.wrap(AsppImagePoolNet(width=8), (32, 32))
     report = sparsify.verify(enc)  # its projection ends with Dropout(0.5): the false alarm was there
     assert report.passed and any("canvas" in r.name and r.mode == "train" for r in report.results)
 
@@ -127,7 +127,7 @@ def test_verify_still_catches_a_leak_in_an_aspp_encoder(monkeypatch):
     from tests.zoo._patterns_cov_verify import AsppImagePoolNet
 
     torch.manual_seed(0)
-    enc = sparsify.wrap(AsppImagePoolNet(), (32, 32))
+    enc = sparsify.wrap(AsppImagePoolNet(width=8), (32, 32))
     forward = type(enc).forward
 
     def leaky(self, x, mask=None):  # the image-pool branch seeing masked garbage, in effect
@@ -142,7 +142,7 @@ def test_verify_on_batch_one_with_a_train_mode_bn_over_a_1x1_map_says_so():
     from tests.zoo._patterns_cov_verify import AsppImagePoolNet
 
     torch.manual_seed(0)
-    enc = sparsify.wrap(AsppImagePoolNet(), (32, 32))
+    enc = sparsify.wrap(AsppImagePoolNet(width=8), (32, 32))
     with pytest.raises(sparsify.SparsifyError) as info:
         sparsify.verify(enc, batch=1)
     text = str(info.value)
