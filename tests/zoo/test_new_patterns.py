@@ -83,4 +83,9 @@ def test_patterns_keep_the_contract_in_a_random_order(seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", REAL, ids=[name for name, _, _ in REAL])
 def test_real_models_keep_the_contract(case):
-    _check(case, 0)
+    try:
+        _check(case, 0)  # the builders import timm / torchvision themselves
+    except ModuleNotFoundError as e:
+        if e.name not in ("timm", "torchvision", "einops"):
+            raise
+        pytest.skip(f"{e.name} is not installed")
