@@ -146,6 +146,7 @@ def test_rounding_allowance_grows_with_the_square_root_of_depth():
     assert rounding_allowance(four, torch.float32) == pytest.approx(2 * rounding_allowance(one, torch.float32))
     assert rounding_allowance(four, torch.float64) == 0.0
     assert rounding_allowance(four, torch.float16) > rounding_allowance(four, torch.float32)
+    assert rounding_allowance(four, torch.bfloat16) == 1e-2  # capped: beyond it a leak could hide
     shared = nn.Conv2d(4, 4, 3)
     assert rounding_layers(nn.Sequential(shared, shared)) == 1  # a module used twice counts once
     assert rounding_layers(PreActNet()) == 94
