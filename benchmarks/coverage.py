@@ -10,6 +10,7 @@ expected to be refused (attention hybrids).
     python -m benchmarks.coverage                 # everything, one line per model, then the rate
     python -m benchmarks.coverage --only timm --json coverage.json
     python -m benchmarks.coverage --all --json catalogue.json --markdown catalogue.md
+    python -m benchmarks.coverage --all --only swiftformer,s3d,mvit   # name or family prefixes
 
 ``--all`` replaces the fixed list by the whole catalogue: one smallest model (fewest parameters,
 counted on the meta device) per architecture family of timm (a family is one timm model module, e.g.
@@ -186,7 +187,13 @@ def check_one(source: str, name: str, size: tuple[int, int], kwargs: dict) -> di
         record["reason"] = "; ".join(f"{r.name} [{r.mode}]" for r in failed)
     except sparsify.SparsifyError as error:
         record["ok"] = False
-        record["reason"] = "refused: " + str(error).splitlines()[0][:300]
+        lines = str(error).splitlines()
+        record["reason"] = "refused: " + lines[0][:300]
+        # The first line names the first operation refused; when attention is named further down
+        # (a hybrid whose first refused node is its token reshape), that is the deciding reason too.
+        named = next((line.strip() for line in lines[1:] if "attention" in line.lower()), None)
+        if named and "attention" not in lines[0].lower():
+            record["reason"] += " / " + named[:200]
     except Exception as error:  # noqa: BLE001  (a crash is a result to report, not to hide)
         record["ok"] = False
         record["reason"] = f"crash: {type(error).__name__}: {error}"[:300]
@@ -195,9 +202,21 @@ def check_one(source: str, name: str, size: tuple[int, int], kwargs: dict) -> di
     return record
 
 
+_SOURCES = ("timm", "torchvision", "zoo")
+
+
+def _selected(only: str, source: str, *names: str) -> bool:
+    """``--only``: a source (timm, torchvision, zoo) or comma-separated prefixes of a model's name or
+    family (e.g. ``resnet`` picks resnet18, resnet50d, ...; ``video/`` every torchvision video family)."""
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    return any(w == source if w in _SOURCES else any(n.startswith(w) for n in names) for w in wanted)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["timm", "torchvision", "zoo", "real"], default=None)
+    parser.add_argument("--only", default=None,
+                        help="timm, torchvision, zoo, real, or comma-separated prefixes of model or family names "
+                             "(e.g. 'resnet,swiftformer,video/')")
     parser.add_argument("--json", type=Path, default=None, help="write every record here")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--all", action="store_true",
@@ -216,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "real":
         models = REAL_MODELS
     elif args.only:
-        models = [m for m in models if m[0] == args.only]
+        models = [m for m in models if _selected(args.only, m[0], m[1])]
     records = []
     for source, name, size, kwargs in models:
         record = check_one(source, name, size, kwargs)
@@ -240,11 +259,26 @@ _SIZE_TROUBLE = ("not a multiple", "too small", "running the traced graph", "cal
 
 
 def _default_size(source: str, name: str, rank: int) -> tuple[int, ...]:
+    """The model's documented input size: timm's pretrained config; torchvision's weights (the crop
+    of their transforms, and for video at least 16 frames or the documented minimum, e.g. s3d's
+    224 x 224 and mvit's 16 x 224 x 224, which smaller examples cannot run)."""
     if source == "timm" and rank == 2:
         import timm
 
         size = timm.create_model(name, pretrained=False).pretrained_cfg.get("input_size", (3, 224, 224))
         return tuple(size[1:])
+    if source == "torchvision":
+        try:
+            import torchvision
+
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+            crop = tuple(int(s) for s in getattr(weights.transforms(), "crop_size", (224, 224)))
+            frames = max(16, int(weights.meta.get("min_temporal_size", 16)))
+        except Exception:  # noqa: BLE001  (no weights entry: the usual sizes below)
+            pass
+        else:
+            if len(crop) == 2 and rank in (2, 3):
+                return crop if rank == 2 else (frames, *crop)
     return (224, 224) if rank == 2 else (16, 112, 112)
 
 
@@ -263,22 +297,56 @@ def _next_size(record: dict, tried: list[tuple[int, ...]], source: str, name: st
     return default if default not in tried else None
 
 
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
 _PRODUCTS = {"matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention"}
+
+
+_TOKEN_WEIGHTS = {"normalize": 1, "softmax": None, "log_softmax": None}  # function -> default dim
+
+
+def _token_weights(func_name: str, args: tuple, kwargs: dict, positions: set[int]) -> bool:
+    """Additive attention (SwiftFormer, Fastformer): weights normalised over the token axis of a
+    ``(B, N, k)`` token sequence (N a number of positions at some stride, k <= 16: one weight per
+    token or per head), which then pool the tokens
+    into a global query that scales every token. A global-context pooling spells its logits
+    ``(B, 1, N)`` or ``(B, N)`` and is not matched."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        return False
+    dim = kwargs.get("dim", args[2] if func_name == "normalize" and len(args) > 2 else
+                     args[1] if func_name != "normalize" and len(args) > 1 else _TOKEN_WEIGHTS[func_name])
+    if not isinstance(dim, int) or dim % 3 != 1:
+        return False
+    n, k = x.shape[1], x.shape[2]
+    grids = {p for p in positions if p > 1}
+    return n in grids and k < n and k <= 16  # one weight per token, or one per head
 
 
 def uses_attention(source: str, name: str, kwargs: dict, size: tuple[int, ...]) -> bool:
     """True when the model mixes positions by products of two activations that leave a matrix
-    (query-key attention maps, linear attention's key-value products, state-space mixing): found by
-    running the unmodified model once and watching matrix products whose operands are both
-    activations. An attention *pooling* (a global-context block's weighted sum, a (C, 1) result) does
-    not count; nor do products with weights (linear layers)."""
+    (query-key attention maps, linear attention's key-value products, state-space mixing), or by
+    additive attention (token weights normalised over the positions, :func:`_token_weights`): found
+    by running the unmodified model once and watching matrix products whose operands are both
+    activations and normalisations over a token axis. An attention *pooling* (a global-context
+    block's weighted sum, a (C, 1) result) does not count; nor do products with weights (linear
+    layers)."""
     from torch.overrides import TorchFunctionMode
 
     found = []
+    positions = {_prod(s >> k for s in size) for k in range(7) if all(s >> k for s in size)}
 
     class _Watch(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            fname = getattr(func, "__name__", "")
+            if fname in _TOKEN_WEIGHTS and _token_weights(fname, args, kwargs or {}, positions):
+                found.append(f"{fname} over tokens")
             if getattr(func, "__name__", "") in _PRODUCTS:
                 operands = [a for a in args if isinstance(a, torch.Tensor)]
                 if getattr(func, "__name__", "") == "scaled_dot_product_attention":
@@ -291,6 +359,8 @@ def uses_attention(source: str, name: str, kwargs: dict, size: tuple[int, ...]) 
     try:
         model = _build(source, name, kwargs).eval()
         x = torch.randn(1, 3, *size)
+        if len(size) == 3:  # video: positions are frames x rows x columns at any spatial stride
+            positions |= {size[0] * n // (2 ** j) for n in positions for j in range(4)}
         with torch.no_grad(), _Watch():
             model(x)
     except Exception:  # noqa: BLE001  (a model that does not run here is judged by its outcome alone)
@@ -301,8 +371,8 @@ def uses_attention(source: str, name: str, kwargs: dict, size: tuple[int, ...]) 
 def _run_all(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     models = catalogue()
-    if args.only in ("timm", "torchvision"):
-        models = [m for m in models if m[0] == args.only]
+    if args.only:
+        models = [m for m in models if _selected(args.only, m[0], m[1], m[4])]
     print(f"{len(models)} families ({time.perf_counter() - start:.0f}s to choose them)", flush=True)
     if args.list:
         for source, name, _size, _, family in models:

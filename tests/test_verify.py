@@ -96,3 +96,55 @@ def test_fixed_draws_hold_every_draw_at_its_most_likely_value():
         assert torch.equal(torch.rand(3), torch.full((3,), 0.5))
         assert torch.equal(torch.randn(3), torch.zeros(3))
     assert not torch.equal(torch.rand(3), torch.full((3,), 0.5))  # only inside the context
+
+
+def test_fixed_draws_read_schema_defaults():
+    # The dispatcher drops arguments equal to their schema default: CPU dropout at p = 0.5 calls
+    # bernoulli_(noise, 0.5) and the mode sees bernoulli_(noise), which is not "probabilities = noise".
+    x = torch.randn(2, 4, 8, 8)
+    with fixed_draws():
+        for _ in range(3):  # uninitialised memory would give a different answer each time
+            torch.testing.assert_close(F.dropout(x, 0.5, training=True), 2 * x)
+            torch.testing.assert_close(F.dropout2d(x, 0.5, training=True), 2 * x)
+        assert torch.equal(torch.empty(5).bernoulli_(), torch.ones(5))
+        assert torch.equal(torch.empty(3).uniform_(), torch.full((3,), 0.5))
+        assert torch.equal(torch.empty(3).uniform_(2.0, 4.0), torch.full((3,), 3.0))
+        assert torch.equal(torch.empty(3).normal_(), torch.zeros(3))
+        assert torch.equal(torch.normal(torch.tensor([1.0, -2.0])), torch.tensor([1.0, -2.0]))
+        assert torch.equal(torch.zeros(2).bernoulli_(torch.tensor([0.1, 0.9])), torch.tensor([0.0, 1.0]))
+
+
+def test_verify_passes_aspp_with_an_image_pool_branch():
+    from tests.zoo._patterns_cov_verify import AsppImagePoolNet
+
+    torch.manual_seed(0)
+    enc = sparsify.wrap(AsppImagePoolNet(width=8), (32, 32))
+    report = sparsify.verify(enc)  # its projection ends with Dropout(0.5): the false alarm was there
+    assert report.passed and any("canvas" in r.name and r.mode == "train" for r in report.results)
+
+
+def test_verify_still_catches_a_leak_in_an_aspp_encoder(monkeypatch):
+    from tests.zoo._patterns_cov_verify import AsppImagePoolNet
+
+    torch.manual_seed(0)
+    enc = sparsify.wrap(AsppImagePoolNet(width=8), (32, 32))
+    forward = type(enc).forward
+
+    def leaky(self, x, mask=None):  # the image-pool branch seeing masked garbage, in effect
+        return [f + 0.05 * x.mean() * (f != 0) for f in forward(self, x, mask)]
+
+    monkeypatch.setattr(type(enc), "forward", leaky)
+    with pytest.raises(sparsify.SparsifyError, match="FAIL canvas invariance"):
+        sparsify.verify(enc)
+
+
+def test_verify_on_batch_one_with_a_train_mode_bn_over_a_1x1_map_says_so():
+    from tests.zoo._patterns_cov_verify import AsppImagePoolNet
+
+    torch.manual_seed(0)
+    enc = sparsify.wrap(AsppImagePoolNet(width=8), (32, 32))
+    with pytest.raises(sparsify.SparsifyError) as info:
+        sparsify.verify(enc, batch=1)
+    text = str(info.value)
+    assert "model itself cannot run" in text and "not a contract violation" in text and "batch=2" in text
+    assert "breaks the sparse-encoder contract" not in text

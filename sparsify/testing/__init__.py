@@ -37,6 +37,8 @@ from .assertions import (
     reference_batch_norm,
     reference_group_norm,
     reference_instance_norm,
+    rounding_allowance,
+    rounding_layers,
     run_contract_checks,
     scatter_active,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "reference_batch_norm",
     "reference_group_norm",
     "reference_instance_norm",
+    "rounding_allowance",
+    "rounding_layers",
     "run_contract_checks",
     "scatter_active",
     "strategies",

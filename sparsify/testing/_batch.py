@@ -39,7 +39,7 @@ def check_masked_samples_invisible(
         with preserved_state(enc):
             out = _forward(enc, xx, mm, train=mode, fixed=True)
 
-        def compare(out64=None, ref64=None, out=out, ref=ref, mode=mode):
+        def compare(out64=None, ref64=None, out=out, ref=ref, mode=mode, extra_atol=0.0):
             return _compare_features(
                 enc,
                 f"fully masked samples invisible (+{extra})",
@@ -52,6 +52,7 @@ def check_masked_samples_invisible(
                 batch=b,
                 outs64=out64,
                 refs64=ref64,
+                extra_atol=extra_atol,
             )
 
         def fp64(enc64, _dense64, mode=mode):

@@ -88,7 +88,7 @@ def check_canvas_invariant(
         with preserved_state(enc):
             out = _forward(enc, big, big_mask, train=mode, fixed=True)
 
-        def compare(out64=None, ref64=None, out=out, ref=ref, mode=mode):
+        def compare(out64=None, ref64=None, out=out, ref=ref, mode=mode, extra_atol=0.0):
             return _compare_features(
                 enc,
                 name,
@@ -102,6 +102,7 @@ def check_canvas_invariant(
                 offset=offset,
                 outs64=out64,
                 refs64=ref64,
+                extra_atol=extra_atol,
             )
 
         def fp64(enc64, _dense64, mode=mode):

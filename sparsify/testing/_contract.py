@@ -189,9 +189,13 @@ def assert_sparse_semantics(
         wrap_kwargs: extra arguments for ``sparsify.wrap`` (e.g. ``stages=[...]``).
         fp64_witness: when an fp32 comparison fails, rerun both sides on float64 deep copies and
             allow each side's own rounding error (its distance to its fp64 twin) on top of the
-            tolerance. Normalisations over a few active sites amplify fp32 rounding far beyond any
-            fixed tolerance; this separates that from real contract violations (a leak shows up in
-            fp64 too). The model itself is never converted.
+            tolerance, i.e. decide in float64. Normalisations over a few active sites amplify fp32
+            rounding far beyond any fixed tolerance (1e-3 of the scale on a 22-block
+            pre-activation network in train mode); this separates that from real contract
+            violations (a leak shows up in fp64 too). The model itself is never converted. Where
+            no float64 copy can run (an op or device without float64), the tolerance grows with
+            depth instead: :func:`rounding_allowance` (``ROUNDING_CONSTANT * eps * sqrt(layers)``
+            of the scale). False: the fixed tolerances alone.
 
     Returns:
         The list of :class:`CheckResult` (all passed).

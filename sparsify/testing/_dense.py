@@ -89,9 +89,10 @@ def check_dense_equal(
                 ref64, _ = _reference(enc64, dense64, witness.model64 if from_model else None, x64, mode)
                 return _forward(enc64, x64, m, train=mode, fixed=True), ref64
 
-            def compare(out64, ref64, out=out, ref=ref, name=name, mode=mode):
+            def compare(out64, ref64, out=out, ref=ref, name=name, mode=mode, extra_atol=0.0):
                 return _compare_features(
-                    enc, name, _mode_name(mode), out, ref, atol, rtol, ref_size=size, outs64=out64, refs64=ref64
+                    enc, name, _mode_name(mode), out, ref, atol, rtol, ref_size=size, outs64=out64, refs64=ref64,
+                    extra_atol=extra_atol,
                 )
 
             results.append(_with_witness(result, witness, x, fp64, compare))

@@ -8,6 +8,12 @@ most likely value instead (Bernoulli(p) -> 1 if p >= 0.5 else 0, uniform -> the 
 the mean, dropout keeps every element and rescales by 1 / (1 - p) when p <= 0.5). The layers still run
 their train-mode code (rescaling included), deterministically and per element, so a value frozen to
 eval mode still shows. Checks that hold for any draw (zero at masked sites) keep real draws.
+
+The arguments of each op are read against its aten schema, defaults included: the dispatcher drops
+trailing arguments equal to their default before ``__torch_dispatch__`` sees them, so
+``empty(...).bernoulli_(0.5)`` (CPU dropout with p = 0.5, the most common rate) arrives as
+``bernoulli_(self)``. Reading that as "the probabilities are ``self``" would draw from uninitialised
+memory, a different function on every run.
 """
 
 from __future__ import annotations
@@ -23,31 +29,42 @@ __all__ = ["fixed_draws"]
 aten = torch.ops.aten
 
 
+def _bind(func, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The op's arguments by schema name, each missing one at its schema default."""
+    bound: dict[str, Any] = {}
+    for i, arg in enumerate(func._schema.arguments):
+        if not arg.kwarg_only and i < len(args):
+            bound[arg.name] = args[i]
+        elif arg.name in kwargs:
+            bound[arg.name] = kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+    return bound
+
+
+def _fill_keep(out: torch.Tensor, probs) -> torch.Tensor:
+    """``out`` set to the most likely Bernoulli draw for ``probs`` (a number or a tensor)."""
+    if isinstance(probs, torch.Tensor):
+        return out.copy_((probs >= 0.5).to(out.dtype))  # copy_ broadcasts probabilities to ``out``
+    return out.fill_(1.0 if probs >= 0.5 else 0.0)
+
+
 def _bernoulli(func, args, kwargs):
-    out = func(*args, **kwargs)  # right shape, dtype and device; the values are replaced below
-    self = args[0]
-    p = args[1] if len(args) > 1 else kwargs.get("p", None)
-    if p is None:  # bernoulli(probabilities)
-        probs = self
-    elif isinstance(p, torch.Tensor):
-        probs = p
-    else:
-        return out.fill_(1.0 if p >= 0.5 else 0.0)
-    keep = (probs >= 0.5).to(out.dtype)
-    return out.copy_(keep.expand_as(out)) if keep.shape != out.shape else out.copy_(keep)
+    out = func(*args, **kwargs)  # right shape, dtype and device (and the in-place / out= semantics)
+    a = _bind(func, args, kwargs)
+    # bernoulli(self): self holds the probabilities; the .p / .float / .Tensor overloads pass them as p.
+    return _fill_keep(out, a["p"] if "p" in a else a["self"])
 
 
 def _uniform(func, args, kwargs):
-    out = func(*args, **kwargs)
-    low = args[1] if len(args) > 1 else kwargs.get("from", 0.0)
-    high = args[2] if len(args) > 2 else kwargs.get("to", 1.0)
-    return out.fill_((low + high) / 2)
+    a = _bind(func, args, kwargs)
+    return func(*args, **kwargs).fill_((a["from"] + a["to"]) / 2)
 
 
 def _normal(func, args, kwargs):
     out = func(*args, **kwargs)
-    mean = args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else kwargs.get("mean", 0.0)
-    return out.fill_(mean if not isinstance(mean, torch.Tensor) else 0.0)
+    mean = _bind(func, args, kwargs)["mean"]
+    return out.copy_(mean) if isinstance(mean, torch.Tensor) else out.fill_(mean)
 
 
 def _rand(func, args, kwargs):
@@ -59,8 +76,8 @@ def _randn(func, args, kwargs):
 
 
 def _native_dropout(func, args, kwargs):
-    x, p = args[0], float(args[1])
-    train = args[2] if len(args) > 2 else kwargs.get("train", True)
+    a = _bind(func, args, kwargs)
+    x, p, train = a["input"], float(a["p"]), a["train"]
     if train is False:
         return func(*args, **kwargs)
     keep = (1.0 - p) >= 0.5
@@ -73,6 +90,7 @@ _HANDLERS: dict[Any, Callable] = {
     aten.bernoulli_: _bernoulli,
     aten.uniform_: _uniform,
     aten.normal_: _normal,
+    aten.normal: _normal,
     aten.rand: _rand,
     aten.rand_like: _rand,
     aten.randn: _randn,

@@ -33,12 +33,14 @@ from ._reference import (
 from ._results import ATOL, DENSE_ATOL, DENSE_RTOL, RTOL, CheckResult, format_results
 from ._sharing import assert_shares_parameters, check_model_untouched, check_shares_parameters
 from ._state import preserved_state
+from ._witness import ROUNDING_CONSTANT, rounding_allowance, rounding_layers
 from ._zero import assert_zero_at_masked, check_zero_at_masked
 
 __all__ = [
     "ATOL",
     "DENSE_ATOL",
     "DENSE_RTOL",
+    "ROUNDING_CONSTANT",
     "RTOL",
     "CheckResult",
     "assert_canvas_invariant",
@@ -63,6 +65,8 @@ __all__ = [
     "reference_batch_norm",
     "reference_group_norm",
     "reference_instance_norm",
+    "rounding_allowance",
+    "rounding_layers",
     "run_contract_checks",
     "scatter_active",
 ]
