@@ -2,9 +2,9 @@
 
 One concept per file: ``conv``, ``batch_norm``, ``group_norm``, ``instance_norm``, ``layer_norm``,
 ``pool``, ``reduce``, ``interpolate``, ``pad``, ``pointwise`` (activations and arithmetic),
-``elementwise`` (the rest of torch's elementwise operators), ``shape`` (layout operations) and
-``pooled`` (batch statistics over pooled vectors). Importing this package registers every built-in
-rule.
+``elementwise`` (the rest of torch's elementwise operators), ``shape`` (layout operations),
+``space_to_depth`` (space<->depth written as view/permute/reshape or einops) and ``pooled``
+(batch statistics over pooled vectors). Importing this package registers every built-in rule.
 """
 
 from . import (  # noqa: F401  (imported for their registrations)
@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     pooled,
     reduce,
     shape,
+    space_to_depth,  # after shape: it wraps the layout rules
 )
 from ._registry import Decision, Info, NodeView, Unsupported, find_rule, register_rule
 from ._stats import apply_mask, masked_moments, masked_sums

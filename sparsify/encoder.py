@@ -90,10 +90,11 @@ def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...])
     """The input channels and the example shapes at ``size``.
 
     The first convolution's input channels, unless a space-to-depth stem (pixel_unshuffle, a
-    reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k * k: then
-    the count the graph actually runs with, the first of c / k^2 for k = 2, 3, ... """
+    reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k ** rank: then
+    the count the graph actually runs with, the first of c / k^rank for k = 2, 3, ... """
     first = _first_conv_channels(model)
-    candidates = [first] + [first // (k * k) for k in range(2, 17) if first % (k * k) == 0]
+    block = [k ** len(size) for k in range(2, 17)]
+    candidates = [first] + [first // b for b in block if first % b == 0]
     error: SparsifyError | None = None
     for chans in candidates:
         try:
