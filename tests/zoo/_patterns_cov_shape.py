@@ -103,10 +103,15 @@ class SpaceToDepth3d(nn.Module):
         return self.down(F.relu(self.norm(self.conv(x))))
 
 
-def _tresnet() -> nn.Module:
+def tresnet_stem() -> nn.Module:
+    """timm's TResNet-M up to its first stage: its space-to-depth stem (timm's SpaceToDepth, a
+    view/permute/view chain), conv1 and layer1. The whole network is refused on principle: its
+    anti-aliased downsampling (layer2 on) reflect-pads before the blur, and a reflect pad copies
+    sites across the border, which absent sites cannot honour."""
     import timm
 
-    return timm.create_model("tresnet_m", pretrained=False, num_classes=0)
+    body = timm.create_model("tresnet_m", pretrained=False, num_classes=0).body
+    return nn.Sequential(body.s2d, body.conv1, body.layer1)
 
 
 PATTERNS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
@@ -116,4 +121,6 @@ PATTERNS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("space_to_depth_3d", SpaceToDepth3d, (8, 16, 8)),
 ]
 
-REAL: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = []
+REAL: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
+    ("tresnet_m_stem", tresnet_stem, (32, 48)),
+]
