@@ -540,10 +540,13 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
     try:
         shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
     except SparsifyError as error:
-        raise SparsifyError(
-            f"{type(model).__name__} does not run at a second input size {Geometry.describe(size_b)} (sparsify "
-            "runs two sizes to tell feature maps from fixed-size tensors)." + _attention_report(gm)
-            + f"\nDetails: {error}") from error
+        second = (f"{type(model).__name__} does not run at a second input size {Geometry.describe(size_b)} "
+                  "(sparsify runs two sizes to tell feature maps from fixed-size tensors).")
+        attention = _attention_report(gm)
+        if attention:  # fixed-size attention (relative position tables) is why: say that first
+            raise SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {second}"
+                                f"\nDetails: {error}") from error
+        raise SparsifyError(f"{second}\nDetails: {error}") from error
     names = None if stages == "auto" else list(stages)
     if isinstance(stages, str) and stages != "auto":
         raise SparsifyError(f"stages must be 'auto' or a list of node or module names, got {stages!r}")
@@ -575,6 +578,8 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
         analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, patch, cut_outputs, final)
     except SparsifyError as error:
         stem = unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
+        if stem and getattr(error, "attention", False):  # attention decides; the stem comes second
+            raise SparsifyError(f"cannot wrap {type(model).__name__}. {error}\nAlso: {stem}") from error
         if stem:
             raise SparsifyError(f"{type(model).__name__}: {stem}\n{error}") from error
         raise
