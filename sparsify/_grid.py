@@ -108,7 +108,7 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
         if node_stride(shape, shapes_b.get(n), probe_a, probe_b) is None and not _relaid(
                 shape, shapes_b.get(n), probe_a, probe_b):
             where = module_path(n) or "<top level>"
-            raise SparsifyError(
+            raise _stem_error(
                 f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "
                 f"turns a {Geometry.describe(probe_a)} input into {Geometry.describe(shape[2:])}, which is not "
                 "the input "
@@ -146,6 +146,12 @@ def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: t
                 "padding), and every feature map after it is shifted against the patches. Pad the first layers "
                 "(padding=kernel_size//2) so masked patches map onto the feature maps.")
     return ""
+
+
+def _stem_error(text: str) -> SparsifyError:
+    error = SparsifyError(text)
+    error.unaligned_stem = True  # wrap puts attention, when present, before this reason
+    return error
 
 
 def _relaid(shape_a: torch.Size, shape_b, size_a: tuple[int, ...], size_b: tuple[int, ...]) -> bool:

@@ -557,7 +557,14 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
     try:
         chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
     except SparsifyError as error:
-        check_total_stride(model, gm, in_chans, size_a, error, names)
+        try:
+            check_total_stride(model, gm, in_chans, size_a, error, names)
+        except SparsifyError as stem_error:
+            attention = _attention_report(gm) if getattr(stem_error, "unaligned_stem", False) else ""
+            if attention:  # attention decides; the unaligned stem comes second
+                raise SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {stem_error}"
+                                    ) from stem_error
+            raise
         raise
     ratio = chosen[-1][1].stride
     final = (ratio,) * len(size_a) if isinstance(ratio, int) else tuple(ratio)
