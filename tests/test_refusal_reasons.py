@@ -117,3 +117,25 @@ def test_timm_edgenext_is_refused_for_its_attention_not_its_stem_norm():
     text = _refusal(model, (128, 128))
     assert "attention over positions" in text.splitlines()[0], text
     assert "never line up" not in text, text
+
+
+class PadCrop(nn.Module):
+    """Pad to a multiple of a window, then crop back with sizes read from the input (DaViT, Swin)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = self.bn(self.conv(F.pad(x, (0, 1, 0, 1))))
+        return y[:, :, :h, :w]
+
+
+def test_crop_by_traced_sizes_is_not_a_train_eval_difference():
+    # slice(None, h) holds a graph node; the train and eval graphs have equal nodes there, not a
+    # mode-dependent value. The crop itself is refused, for what it is.
+    text = _refusal(PadCrop(), (32, 32))
+    assert "train" not in text.splitlines()[0] and "eval mode" not in text, text
+    assert "slices or indexes a spatial dim" in text, text
