@@ -204,3 +204,29 @@ def test_space_to_depth_3d():
     net = SpaceToDepth3d().double()
     x = torch.randn(2, 3, 8, 16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert_sparse_semantics(net, x)
+
+
+def _patterns():
+    from tests.zoo._patterns_cov_shape import PATTERNS, REAL
+
+    return [pytest.param(b, s, id=n) for n, b, s in PATTERNS] + [
+        pytest.param(b, s, id=n, marks=pytest.mark.slow) for n, b, s in REAL]
+
+
+@pytest.mark.parametrize("build, size", _patterns())
+def test_patterns_keep_the_contract(build, size):
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert_sparse_semantics(model, x)
+
+
+@pytest.mark.slow
+def test_whole_tresnet_is_refused_for_its_blur_pool_not_its_stem():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("tresnet_m", pretrained=False, num_classes=0)
+    with pytest.raises(sparsify.SparsifyError) as info:
+        sparsify.wrap(model, (64, 64))
+    text = str(info.value)
+    assert "reflect padding" in text and "body.layer2.0.conv1.aa" in text, text
+    assert "body.s2d" not in text, text
