@@ -29,7 +29,6 @@ or a depth-to-space is accepted; anything else (flattening positions into tokens
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -330,21 +329,32 @@ def _modules_of(view: NodeView) -> dict[str, nn.Module]:
 
 
 def _as_permute(view: NodeView, x: fx.Node, info: Info) -> Decision | None:
-    """A rearrange that only reorders dims (e.g. ``b c h w -> b h w c``) is a permute."""
+    """A rearrange that keeps the batch dim first and every spatial dim whole, only reordering or
+    regrouping the other dims (``b c h w -> b h w c``, ``b (g c) h w -> b g c h w``), is a relayout
+    per site: each output element comes from the same sample and the same site."""
     in_shape, out_shape = tuple(view.shape(x)), view.shape()
-    if not isinstance(out_shape, torch.Size) or len(out_shape) != len(in_shape) or len(in_shape) > 6:
-        return None
-    if sorted(in_shape) != sorted(out_shape):
+    if not isinstance(out_shape, torch.Size) or not out_shape or out_shape[0] != in_shape[0]:
         return None
     try:
         index = replay_chain([view.node], in_shape, view._shapes, _modules_of(view))
     except (Unsupported, RuntimeError, TypeError, ValueError):
         return None
-    base = torch.arange(index.numel()).reshape(in_shape)
-    for perm in itertools.permutations(range(len(in_shape))):
-        if tuple(in_shape[p] for p in perm) == tuple(out_shape) and torch.equal(base.permute(perm), index):
-            return Decision(out=info.but(spatial=tuple(perm.index(d) for d in info.spatial)))
-    return None
+    src = torch.unravel_index(index, in_shape)
+    rank = index.dim()
+
+    def along(k: int) -> torch.Tensor:
+        return torch.arange(index.shape[k]).reshape([-1 if j == k else 1 for j in range(rank)])
+
+    if not bool((src[0] == along(0)).all()):
+        return None
+    spatial = []
+    for d in info.spatial:
+        k = next((k for k in range(1, rank) if k not in spatial and index.shape[k] == in_shape[d]
+                  and bool((src[d] == along(k)).all())), None)
+        if k is None:
+            return None
+        spatial.append(k)
+    return Decision(out=info.but(spatial=tuple(spatial)))
 
 
 def _register_einops() -> None:

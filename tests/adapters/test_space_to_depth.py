@@ -230,3 +230,24 @@ def test_whole_tresnet_is_refused_for_its_blur_pool_not_its_stem():
     text = str(info.value)
     assert "reflect padding" in text and "body.layer2.0.conv1.aa" in text, text
     assert "body.s2d" not in text, text
+
+
+class _GroupShuffle(nn.Module):
+    """ShuffleNet's channel shuffle written with einops: split channels into groups, swap, merge."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 8, 3, stride=4, padding=1)
+
+    def forward(self, x):
+        y = rearrange(self.conv(x), "b (g c) h w -> b g c h w", g=2)
+        y = rearrange(y, "b g c h w -> b (c g) h w")
+        return self.down(F.relu(self.bn(y)))
+
+
+def test_einops_relayout_of_channels_keeps_the_contract():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert_sparse_semantics(_GroupShuffle().double(), x)
