@@ -105,8 +105,10 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
         shape = shapes_a.get(n)
         if n.op == "placeholder" or not isinstance(shape, torch.Size) or len(shape) != rank + 2:
             continue
-        if node_stride(shape, shapes_b.get(n), probe_a, probe_b) is None and not _relaid(
-                shape, shapes_b.get(n), probe_a, probe_b):
+        on_grid = node_stride(shape, shapes_b.get(n), probe_a, probe_b) is not None
+        if not on_grid and _relaid(shape, shapes_b.get(n), probe_a, probe_b):
+            continue  # an on-grid map with its dims reordered (channels-last): look at the next map
+        if not on_grid:
             where = module_path(n) or "<top level>"
             raise _stem_error(
                 f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "

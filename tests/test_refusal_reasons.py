@@ -139,3 +139,22 @@ def test_crop_by_traced_sizes_is_not_a_train_eval_difference():
     text = _refusal(PadCrop(), (32, 32))
     assert "train" not in text.splitlines()[0] and "eval mode" not in text, text
     assert "slices or indexes a spatial dim" in text, text
+
+
+class ChannelsLastInputThenUnpaddedStem(nn.Module):
+    """A per-pixel colour transform in channels-last layout before an unpadded stem conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.colour = nn.Linear(3, 3)
+        self.stem = nn.Conv2d(3, 16, 5, stride=4)
+        self.conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = self.colour(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv(self.stem(x))
+
+
+def test_unaligned_stem_behind_a_channels_last_input_transform_is_named():
+    text = _refusal(ChannelsLastInputThenUnpaddedStem())
+    assert "never line up with the patch grid: node 'stem'" in text.splitlines()[0], text
