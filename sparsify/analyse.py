@@ -274,13 +274,16 @@ def _problem_report(problems: list[tuple[fx.Node, str]], modules: dict[str, nn.M
                      "with every other, so masked patches cannot be treated as absent. sparsify supports "
                      "convolutional networks; for a hybrid pass stages=[...] ending before the first attention "
                      "block.")
-    lines.append(f"sparsify cannot make {len(problems)} operation(s) mask-aware (they touch spatial dims "
-                 "in a way no adapter covers):")
+    described = []
     for node, reason in problems:
         owner = module_path(node)
         path = f" in module '{owner}'" if owner and node.op != "call_module" else ""
         kind = f" ({type(modules[node.target]).__name__})" if node.op == "call_module" else ""
-        lines.append(f"  - node '{node.name}': {describe_target(node)}{kind}{path}: {reason}")
+        described.append(f"node '{node.name}': {describe_target(node)}{kind}{path}: {reason}")
+    # the first line names the first refused node and why (one-line summaries keep the reason)
+    lines.append(f"sparsify cannot make {len(problems)} operation(s) mask-aware, first {described[0]}. "
+                 "Each operation that touches spatial dims in a way no adapter covers:")
+    lines += [f"  - {d}" for d in described]
     lines.append(
         "Attention over positions, unfold, spatial slicing and unknown leaf modules cannot be simulated "
         "as sparse convolution. If the operation is in fact mask-safe, or you can write a masked version, "

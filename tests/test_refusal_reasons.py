@@ -158,3 +158,18 @@ class ChannelsLastInputThenUnpaddedStem(nn.Module):
 def test_unaligned_stem_behind_a_channels_last_input_transform_is_named():
     text = _refusal(ChannelsLastInputThenUnpaddedStem())
     assert "never line up with the patch grid: node 'stem'" in text.splitlines()[0], text
+
+
+class ReflectPadded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.blur = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+
+    def forward(self, x):
+        return self.blur(F.pad(F.relu(self.stem(x)), (1, 1, 1, 1), mode="reflect"))
+
+
+def test_first_line_names_the_first_refused_node_and_why():
+    first = _refusal(ReflectPadded(), (32, 32)).splitlines()[0]
+    assert "node 'pad'" in first and "reflect padding" in first, first

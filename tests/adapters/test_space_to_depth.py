@@ -230,6 +230,7 @@ def test_whole_tresnet_is_refused_for_its_blur_pool_not_its_stem():
     text = str(info.value)
     assert "reflect padding" in text and "body.layer2.0.conv1.aa" in text, text
     assert "body.s2d" not in text, text
+    assert "reflect padding" in text.splitlines()[0], text
 
 
 class _GroupShuffle(nn.Module):
