@@ -252,3 +252,54 @@ def test_einops_relayout_of_channels_keeps_the_contract():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert_sparse_semantics(_GroupShuffle().double(), x)
+
+
+def _expected(perm: tuple[int, ...], n: int, channels_first: bool) -> bool:
+    """Whether permuting the (b, c, g1, s1, g2, s2, ...) split of a map and regrouping as stated is a
+    space-to-depth: batch first, channel and every block offset in the channel group, the coarse grid
+    dims in order."""
+    block = {1} | {3 + 2 * i for i in range(n)}
+    grid = tuple(2 + 2 * i for i in range(n))
+    k = len(block)
+    if perm[0] != 0:
+        return False
+    if channels_first:
+        return set(perm[1:1 + k]) == block and tuple(perm[1 + k:]) == grid
+    return tuple(perm[1:1 + n]) == grid and set(perm[1 + n:]) == block
+
+
+def _split_and_permute(n: int, perm: tuple[int, ...], channels_first: bool):
+    sizes = [2, 3] + [3 - i % 2 if j == 0 else 2 for i in range(n) for j in (0, 1)]  # (b, c, g, s, ...)
+    in_shape = (sizes[0], sizes[1], *(sizes[2 + 2 * i] * sizes[3 + 2 * i] for i in range(n)))
+    index = torch.arange(int(torch.tensor(in_shape).prod())).reshape(in_shape)
+    moved = index.reshape(sizes).permute(perm)
+    shape = list(moved.shape)
+    k = n + 1
+    if channels_first:
+        out = moved.reshape(shape[0], -1, *shape[1 + k:])
+    else:
+        out = moved.reshape(*shape[:1 + n], -1)
+    return out, in_shape
+
+
+@pytest.mark.parametrize("channels_first", [True, False], ids=["channels_first", "channels_last"])
+def test_classifier_on_every_permutation_of_the_2d_split(channels_first):
+    hits = 0
+    for perm in itertools.permutations(range(6)):
+        out, in_shape = _split_and_permute(2, perm, channels_first)
+        found = classify_relayout(out, in_shape, (2, 3))
+        expected = _expected(perm, 2, channels_first)
+        assert (found is not None and found[0] == "down") == expected, (perm, found)
+        hits += expected
+    assert hits == 6  # the six channel orders
+
+
+@settings(max_examples=60, deadline=None)
+@given(perm=st.permutations(range(8)), channels_first=st.booleans(), canonical=st.booleans())
+def test_classifier_on_permutations_of_the_3d_split(perm, channels_first, canonical):
+    if canonical:  # half the draws: a valid order of the channel group, to exercise acceptance
+        group = [p for p in perm if p in (1, 3, 5, 7)]
+        perm = [0, *group, 2, 4, 6] if channels_first else [0, 2, 4, 6, *group]
+    out, in_shape = _split_and_permute(3, tuple(perm), channels_first)
+    found = classify_relayout(out, in_shape, (2, 3, 4))
+    assert (found is not None and found[0] == "down") == _expected(tuple(perm), 3, channels_first), (perm, found)
