@@ -180,6 +180,15 @@ def _attention_report(gm: fx.GraphModule) -> str:
             "networks; for a hybrid model pass stages=[...] ending before the first attention block.")
 
 
+def _attention_first(model: nn.Module, gm: fx.GraphModule, error: SparsifyError) -> SparsifyError:
+    """``error``, after a first line naming the model's attention when it has any: a transformer that
+    fails at the example size or has no map at the final stride is refused for its attention."""
+    attention = _attention_report(gm)
+    if not attention:
+        return error
+    return SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {error}")
+
+
 def _norm_type(gm: fx.GraphModule) -> str | None:
     counts = {"batch": 0, "layer": 0, "group": 0}
     modules = dict(gm.named_modules())
@@ -533,9 +542,11 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
             in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
     except SparsifyError as error:
         chans = in_chans or (_first_conv(model) is not None and _first_conv_channels(model))
-        if not chans:
+        failure = explain_trace_failure(model, gm, _example(model, chans, size_a), error) if chans else error
+        failure = _attention_first(model, gm, failure)
+        if failure is error:
             raise
-        raise explain_trace_failure(model, gm, _example(model, chans, size_a), error) from error
+        raise failure from error
     check_trace_matches(model, gm, _example(model, in_chans, size_a))
     try:
         shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
@@ -565,7 +576,9 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
                 raise SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {stem_error}"
                                     ) from stem_error
             raise
-        raise
+        if _attention_first(model, gm, error) is error:
+            raise
+        raise _attention_first(model, gm, error) from error
     ratio = chosen[-1][1].stride
     final = (ratio,) * len(size_a) if isinstance(ratio, int) else tuple(ratio)
     if not Geometry(len(size_a), final).fits(size_a):

@@ -173,3 +173,20 @@ class ReflectPadded(nn.Module):
 def test_first_line_names_the_first_refused_node_and_why():
     first = _refusal(ReflectPadded(), (32, 32)).splitlines()[0]
     assert "node 'pad'" in first and "reflect padding" in first, first
+
+
+class TokenTransformer(nn.Module):
+    """A patch embedding and attention over the tokens, returning tokens (no map at a final stride)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, stride=8)
+        self.attn = Attention(16)
+
+    def forward(self, x):
+        return self.attn(self.embed(x)).flatten(2).mean(-1)
+
+
+def test_transformer_without_a_final_map_is_refused_for_its_attention():
+    text = _refusal(TokenTransformer(), (32, 32))
+    assert "attention over positions" in text.splitlines()[0], text
