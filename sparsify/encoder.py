@@ -576,9 +576,10 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
                 raise SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {stem_error}"
                                     ) from stem_error
             raise
-        if _attention_first(model, gm, error) is error:
+        failure = _attention_first(model, gm, error)
+        if failure is error:
             raise
-        raise _attention_first(model, gm, error) from error
+        raise failure from error
     ratio = chosen[-1][1].stride
     final = (ratio,) * len(size_a) if isinstance(ratio, int) else tuple(ratio)
     if not Geometry(len(size_a), final).fits(size_a):
