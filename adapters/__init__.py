@@ -3,9 +3,10 @@
 One concept per file: ``conv``, ``batch_norm``, ``group_norm``, ``instance_norm``, ``layer_norm``,
 ``pool``, ``reduce``, ``interpolate``, ``pad``, ``pointwise`` (activations and arithmetic),
 ``elementwise`` (the rest of torch's elementwise operators), ``shape`` (layout operations),
-``pooled`` (batch statistics over pooled vectors) and ``evo_norm`` (timm's EvoNorm-B0); the private
-``_flat`` follows positions flattened into one axis (attention pooling, group statistics). Importing
-this package registers every built-in rule.
+``space_to_depth`` (space<->depth written as view/permute/reshape or einops), ``pooled`` (batch
+statistics over pooled vectors) and ``evo_norm`` (timm's EvoNorm-B0); the private ``_flat`` follows
+positions flattened into one axis (attention pooling, group statistics). Importing this package
+registers every built-in rule.
 """
 
 from . import (  # noqa: F401  (imported for their registrations)
@@ -23,6 +24,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     pooled,
     reduce,
     shape,
+    space_to_depth,  # after shape: it wraps the layout rules
 )
 from ._registry import Decision, Info, NodeView, Unsupported, find_rule, register_rule
 from ._stats import apply_mask, masked_moments, masked_sums

@@ -105,9 +105,12 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
         shape = shapes_a.get(n)
         if n.op == "placeholder" or not isinstance(shape, torch.Size) or len(shape) != rank + 2:
             continue
-        if node_stride(shape, shapes_b.get(n), probe_a, probe_b) is None:
+        on_grid = node_stride(shape, shapes_b.get(n), probe_a, probe_b) is not None
+        if not on_grid and _relaid(shape, shapes_b.get(n), probe_a, probe_b):
+            continue  # an on-grid map with its dims reordered (channels-last): look at the next map
+        if not on_grid:
             where = module_path(n) or "<top level>"
-            raise SparsifyError(
+            raise _stem_error(
                 f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "
                 f"turns a {Geometry.describe(probe_a)} input into {Geometry.describe(shape[2:])}, which is not "
                 "the input "
@@ -129,6 +132,8 @@ def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: t
             continue
         if node_stride(shape, shapes_b.get(node), size_a, size_b) is not None or _is_pad(gm, node):
             continue  # a pad grows the map on purpose; the layer after it decides whether the grid holds
+        if _relaid(shape, shapes_b.get(node), size_a, size_b):
+            continue  # an on-grid map with its dims reordered (channels-last for a LayerNorm), not shifted
         seen, todo = {node, input_node}, [input_node]
         while todo:  # can the stages be reached from the input without passing through this node?
             for user in todo.pop().users:
@@ -143,6 +148,28 @@ def unaligned_stem(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: t
                 "padding), and every feature map after it is shifted against the patches. Pad the first layers "
                 "(padding=kernel_size//2) so masked patches map onto the feature maps.")
     return ""
+
+
+def _stem_error(text: str) -> SparsifyError:
+    error = SparsifyError(text)
+    error.unaligned_stem = True  # wrap puts attention, when present, before this reason
+    return error
+
+
+def _relaid(shape_a: torch.Size, shape_b, size_a: tuple[int, ...], size_b: tuple[int, ...]) -> bool:
+    """Whether every input axis has a dim of this map that is the input divided by a whole stride at
+    both sizes, in some position: a permuted on-grid map ((N, H, W, C) before a channels-last norm),
+    not one shifted by a missing pad."""
+    if not isinstance(shape_b, torch.Size) or len(shape_b) != len(shape_a):
+        return False
+    free = list(range(1, len(shape_a)))
+    for a, b in zip(size_a, size_b):
+        hit = next((d for d in free if shape_a[d] * b == shape_b[d] * a and a % shape_a[d] == 0
+                    and shape_a[d] != shape_b[d]), None)
+        if hit is None:
+            return False
+        free.remove(hit)
+    return True
 
 
 def _is_pad(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -162,7 +162,9 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
         infos, decisions, problems = _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, (patch, final),
                                            input_node, masked)
         if problems:
-            raise SparsifyError(_problem_report(problems, modules))
+            error = SparsifyError(_problem_report(problems, modules))
+            error.attention = bool(_attention_nodes(problems))  # the deciding reason (encoder.wrap orders by it)
+            raise error
         needed = {n for d in decisions.values() for n in d.require_zero if not infos[n].zero}
         needed |= {n for n in outputs if not infos[n].zero}
         return infos, decisions, needed
@@ -270,17 +272,23 @@ def _attention_nodes(problems: list[tuple[fx.Node, str]]) -> str:
 
 
 def _problem_report(problems: list[tuple[fx.Node, str]], modules: dict[str, nn.Module]) -> str:
-    lines = [f"sparsify cannot make {len(problems)} operation(s) mask-aware (they touch spatial dims "
-             "in a way no adapter covers):"]
+    attention = _attention_nodes(problems)
+    lines = []
+    if attention:  # the deciding reason goes first: no adapter can make attention sparse
+        lines.append(f"The model uses attention over positions ({attention}): attention mixes every position "
+                     "with every other, so masked patches cannot be treated as absent. sparsify supports "
+                     "convolutional networks; for a hybrid pass stages=[...] ending before the first attention "
+                     "block.")
+    described = []
     for node, reason in problems:
         owner = module_path(node)
         path = f" in module '{owner}'" if owner and node.op != "call_module" else ""
         kind = f" ({type(modules[node.target]).__name__})" if node.op == "call_module" else ""
-        lines.append(f"  - node '{node.name}': {describe_target(node)}{kind}{path}: {reason}")
-    attention = _attention_nodes(problems)
-    if attention:
-        lines.append(f"The model uses attention over positions ({attention}): attention mixes every position "
-                     "with every other, so masked patches cannot be treated as absent.")
+        described.append(f"node '{node.name}': {describe_target(node)}{kind}{path}: {reason}")
+    # the first line names the first refused node and why (one-line summaries keep the reason)
+    lines.append(f"sparsify cannot make {len(problems)} operation(s) mask-aware, first {described[0]}. "
+                 "Each operation that touches spatial dims in a way no adapter covers:")
+    lines += [f"  - {d}" for d in described]
     lines.append(
         "Attention over positions, unfold, spatial slicing and unknown leaf modules cannot be simulated "
         "as sparse convolution. If the operation is in fact mask-safe, or you can write a masked version, "

@@ -90,10 +90,11 @@ def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...])
     """The input channels and the example shapes at ``size``.
 
     The first convolution's input channels, unless a space-to-depth stem (pixel_unshuffle, a
-    reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k * k: then
-    the count the graph actually runs with, the first of c / k^2 for k = 2, 3, ... """
+    reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k ** rank: then
+    the count the graph actually runs with, the first of c / k^rank for k = 2, 3, ... """
     first = _first_conv_channels(model)
-    candidates = [first] + [first // (k * k) for k in range(2, 17) if first % (k * k) == 0]
+    block = [k ** len(size) for k in range(2, 17)]
+    candidates = [first] + [first // b for b in block if first % b == 0]
     error: SparsifyError | None = None
     for chans in candidates:
         try:
@@ -177,6 +178,15 @@ def _attention_report(gm: fx.GraphModule) -> str:
     return (f" The model uses attention over positions ({shown}). Attention mixes every position with "
             "every other, so masked patches cannot be treated as absent: sparsify supports convolutional "
             "networks; for a hybrid model pass stages=[...] ending before the first attention block.")
+
+
+def _attention_first(model: nn.Module, gm: fx.GraphModule, error: SparsifyError) -> SparsifyError:
+    """``error``, after a first line naming the model's attention when it has any: a transformer that
+    fails at the example size or has no map at the final stride is refused for its attention."""
+    attention = _attention_report(gm)
+    if not attention:
+        return error
+    return SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {error}")
 
 
 def _norm_type(gm: fx.GraphModule) -> str | None:
@@ -532,17 +542,22 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
             in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
     except SparsifyError as error:
         chans = in_chans or (_first_conv(model) is not None and _first_conv_channels(model))
-        if not chans:
+        failure = explain_trace_failure(model, gm, _example(model, chans, size_a), error) if chans else error
+        failure = _attention_first(model, gm, failure)
+        if failure is error:
             raise
-        raise explain_trace_failure(model, gm, _example(model, chans, size_a), error) from error
+        raise failure from error
     check_trace_matches(model, gm, _example(model, in_chans, size_a))
     try:
         shapes_b = record_shapes(gm, _example(model, in_chans, size_b))
     except SparsifyError as error:
-        raise SparsifyError(
-            f"{type(model).__name__} does not run at a second input size {Geometry.describe(size_b)} (sparsify "
-            "runs two sizes to tell feature maps from fixed-size tensors)." + _attention_report(gm)
-            + f"\nDetails: {error}") from error
+        second = (f"{type(model).__name__} does not run at a second input size {Geometry.describe(size_b)} "
+                  "(sparsify runs two sizes to tell feature maps from fixed-size tensors).")
+        attention = _attention_report(gm)
+        if attention:  # fixed-size attention (relative position tables) is why: say that first
+            raise SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {second}"
+                                f"\nDetails: {error}") from error
+        raise SparsifyError(f"{second}\nDetails: {error}") from error
     names = None if stages == "auto" else list(stages)
     if isinstance(stages, str) and stages != "auto":
         raise SparsifyError(f"stages must be 'auto' or a list of node or module names, got {stages!r}")
@@ -553,8 +568,18 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
     try:
         chosen = discover_stages(gm, shapes_a, shapes_b, size_a, size_b, names)
     except SparsifyError as error:
-        check_total_stride(model, gm, in_chans, size_a, error, names)
-        raise
+        try:
+            check_total_stride(model, gm, in_chans, size_a, error, names)
+        except SparsifyError as stem_error:
+            attention = _attention_report(gm) if getattr(stem_error, "unaligned_stem", False) else ""
+            if attention:  # attention decides; the unaligned stem comes second
+                raise SparsifyError(f"cannot wrap {type(model).__name__}.{attention}\nAlso: {stem_error}"
+                                    ) from stem_error
+            raise
+        failure = _attention_first(model, gm, error)
+        if failure is error:
+            raise
+        raise failure from error
     ratio = chosen[-1][1].stride
     final = (ratio,) * len(size_a) if isinstance(ratio, int) else tuple(ratio)
     if not Geometry(len(size_a), final).fits(size_a):
@@ -574,6 +599,8 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
         analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, patch, cut_outputs, final)
     except SparsifyError as error:
         stem = unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
+        if stem and getattr(error, "attention", False):  # attention decides; the stem comes second
+            raise SparsifyError(f"cannot wrap {type(model).__name__}. {error}\nAlso: {stem}") from error
         if stem:
             raise SparsifyError(f"{type(model).__name__}: {stem}\n{error}") from error
         raise

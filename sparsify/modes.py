@@ -33,6 +33,9 @@ def _differences(a: Any, b: Any, path: tuple = ()) -> list[tuple[tuple, Any, Any
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, (*path, i))]
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
         return [d for k in a for d in _differences(a[k], b[k], (*path, k))]
+    if isinstance(a, slice) and isinstance(b, slice):  # x[:, :h] with h a node: compare by node name too
+        inner = _differences((a.start, a.stop, a.step), (b.start, b.stop, b.step), path)
+        return [(path, a, b)] if inner else []
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and torch.equal(a, b))

@@ -37,6 +37,17 @@ def _timm_notrace() -> tuple[set[type], set[Callable]]:
     return set(timm_fx.get_notrace_modules()), set(timm_fx.get_notrace_functions())
 
 
+def _einops_functions() -> tuple[Any, tuple[Callable, ...]]:
+    """einops' functional API, kept as calls: it runs Python logic on the tensor's shape (pattern
+    parsing, caching by shape) that fx proxies cannot follow. Each call is judged by its rule
+    (sparsify.adapters.space_to_depth) by replaying it on an index tensor."""
+    try:
+        import einops
+    except ImportError:
+        return None, ()
+    return einops, (einops.rearrange, einops.reduce, einops.repeat)
+
+
 class SparsifyTracer(fx.Tracer):
     """An fx tracer that keeps adapter-covered modules, timm leaves and user leaves whole.
 
@@ -49,11 +60,14 @@ class SparsifyTracer(fx.Tracer):
         from sparsify.adapters._registry import module_rule_types
 
         timm_modules, timm_functions = _timm_notrace()
-        functions = tuple(timm_functions) + tuple(autowrap_functions)
+        einops_module, einops_functions = _einops_functions()
+        functions = tuple(timm_functions) + tuple(autowrap_functions) + einops_functions
         functions += tuple(tracer_kwargs.pop("autowrap_functions", ()))
         proxy_buffers = tracer_kwargs.pop("proxy_buffer_attributes", True)
         kept_whole = set(tracer_kwargs.pop("kept_whole", ()))
         super().__init__(autowrap_functions=functions, **tracer_kwargs)
+        if einops_module is not None:  # also ``einops.rearrange(...)`` called through the module
+            self._autowrap_search.append(einops_module)
         # Buffers read in forward become get_attr nodes (live), not tensors baked in at trace time.
         self.proxy_buffer_attributes = proxy_buffers
         self._user_leaves = tuple(leaf_modules)
