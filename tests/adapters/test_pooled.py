@@ -27,10 +27,11 @@ from ._helpers import SETTINGS, check_contract
 def test_pooled_batch_norm_equals_batch_norm_over_visible_samples(b, c, seed, flat, data):
     seen = data.draw(st.lists(st.booleans(), min_size=b, max_size=b).filter(lambda v: sum(v) >= 2))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, generator=gen) * 3 + 1
+    # float64: with two visible samples of near-equal values float32 rounding alone exceeds 1e-5
+    x = torch.randn(b, c, generator=gen, dtype=torch.float64) * 3 + 1
     if not flat:
         x = x[:, :, None, None]
-    bn = nn.BatchNorm1d(c) if flat else nn.BatchNorm2d(c)
+    bn = (nn.BatchNorm1d(c) if flat else nn.BatchNorm2d(c)).double()
     bn.train()
     ref_bn = copy.deepcopy(bn)
     patch = torch.zeros(b, 1, 2, 3, dtype=torch.bool)
