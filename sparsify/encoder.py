@@ -35,11 +35,49 @@ _SIZE_FORMS = {1: "(L,)", 2: "(H, W)", 3: "(D, H, W)"}
 _SIZE_EXAMPLES = {1: "(512,)", 2: "(224, 224)", 3: "(16, 64, 64)"}
 
 
-def _first_conv(model: nn.Module) -> nn.Module | None:
-    """The model's first convolution of its dominant rank (most of its convolutions are Conv2d in an
-    image network, even one with a Conv1d in its ECA blocks; transposed convolutions are not counted)."""
-    convs = [m for m in model.modules()
-             if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)]
+def _is_conv(module: object) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+
+_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _first_conv_in_graph(gm: fx.GraphModule) -> nn.Module | None:
+    """The first convolution module the input reaches, in graph order (a module call, or a functional
+    conv reading a conv module's weight as timm's weight-standardised convs do), or None."""
+    modules = dict(gm.named_modules())
+    reached: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if not reached:  # the input is the first placeholder; later ones are extra arguments
+                reached.add(node)
+            continue
+        if not any(a in reached for a in node.all_input_nodes):
+            continue
+        reached.add(node)
+        if node.op == "call_module" and _is_conv(modules.get(node.target)):
+            return modules[node.target]
+        if node.op == "call_function" and node.target in _CONV_FUNCTIONS and len(node.args) > 1:
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                owner = modules.get(str(weight.target).rpartition(".")[0])
+                if _is_conv(owner):
+                    return owner
+    return None
+
+
+def _first_conv(model: nn.Module, gm: fx.GraphModule | None = None) -> nn.Module | None:
+    """The first convolution the model's input reaches (transposed convolutions are not counted).
+
+    From the traced graph ``gm`` when given (graph order from the input, so an image network's Conv2d
+    stem decides even when its ECA blocks hold more Conv1d than it has Conv2d); otherwise, or when the
+    graph holds no convolution module, the first registered convolution of the model's majority rank.
+    """
+    if gm is not None:
+        found = _first_conv_in_graph(gm)
+        if found is not None:
+            return found
+    convs = [m for m in model.modules() if _is_conv(m)]
     if not convs:
         return None
     ranks = [len(m.kernel_size) for m in convs]
@@ -47,10 +85,11 @@ def _first_conv(model: nn.Module) -> nn.Module | None:
     return next(m for m in convs if len(m.kernel_size) == dominant)
 
 
-def _spatial_rank(model: nn.Module, size: int | Sequence[int]) -> int:
-    """The spatial rank of the input: from ``input_size`` when it is a sequence, else from the model's
-    first convolution (Conv1d, Conv2d, Conv3d), else 2. The traced graph then runs at that rank."""
-    conv = _first_conv(model)
+def _spatial_rank(model: nn.Module, size: int | Sequence[int], gm: fx.GraphModule | None = None) -> int:
+    """The spatial rank of the input: from ``input_size`` when it is a sequence, else from the first
+    convolution the input reaches (Conv1d, Conv2d, Conv3d), else 2. The traced graph then runs at that
+    rank."""
+    conv = _first_conv(model, gm)
     conv_rank = len(conv.kernel_size) if conv is not None else None
     if isinstance(size, (tuple, list)):
         rank = len(size)
@@ -78,8 +117,8 @@ def _input_size(size: int | Sequence[int], rank: int) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _first_conv_channels(model: nn.Module) -> int:
-    conv = _first_conv(model)
+def _first_conv_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> int:
+    conv = _first_conv(model, gm)
     if conv is not None:
         return conv.in_channels
     raise SparsifyError("could not infer the number of input channels (no convolution found); "
@@ -92,7 +131,7 @@ def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...])
     The first convolution's input channels, unless a space-to-depth stem (pixel_unshuffle, a
     reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k * k: then
     the count the graph actually runs with, the first of c / k^2 for k = 2, 3, ... """
-    first = _first_conv_channels(model)
+    first = _first_conv_channels(model, gm)
     candidates = [first] + [first // (k * k) for k in range(2, 17) if first % (k * k) == 0]
     error: SparsifyError | None = None
     for chans in candidates:
@@ -439,17 +478,17 @@ def _example(model: nn.Module, in_chans: int, size: tuple[int, ...]) -> torch.Te
     return torch.randn(2, in_chans, *size, generator=gen).to(device=device, dtype=dtype)
 
 
-def _example_sizes(model: nn.Module, input_size: int | Sequence[int] | None
+def _example_sizes(model: nn.Module, input_size: int | Sequence[int] | None, gm: fx.GraphModule | None = None
                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The two example sizes: ``input_size`` per axis and twice it (224 x 224 for an image network
     when not given; volumes and signals have no usual size, so theirs must be given)."""
     if input_size is None:
-        rank = _spatial_rank(model, 224)
+        rank = _spatial_rank(model, 224, gm)
         if rank != 2:
             raise SparsifyError(f"{type(model).__name__} is a {rank}-D network: pass input_size as "
                                 f"{_SIZE_FORMS.get(rank, 'one size per axis')}, e.g. {_SIZE_EXAMPLES.get(rank, '')}")
         input_size = (224, 224)
-    size_a = _input_size(input_size, _spatial_rank(model, input_size))
+    size_a = _input_size(input_size, _spatial_rank(model, input_size, gm))
     return size_a, tuple(2 * s for s in size_a)
 
 
@@ -523,15 +562,15 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
                                                                         SparseEncoder):
         raise SparsifyError(f"{type(model).__name__} is already made by sparsify.wrap; wrap the original model "
                             "(the encoder shares its weights), or use the encoder as it is")
-    size_a, size_b = _example_sizes(model, input_size)
     gm = _trace_checked(model, tuple(leaf_modules), tuple(autowrap_functions), tracer_kwargs, concrete_args)
+    size_a, size_b = _example_sizes(model, input_size, gm)
     try:
         if in_chans:
             shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
         else:
             in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
     except SparsifyError as error:
-        chans = in_chans or (_first_conv(model) is not None and _first_conv_channels(model))
+        chans = in_chans or (_first_conv(model, gm) is not None and _first_conv_channels(model, gm))
         if not chans:
             raise
         raise explain_trace_failure(model, gm, _example(model, chans, size_a), error) from error
@@ -599,8 +638,8 @@ def graph_node_names(model: nn.Module, input_size: int | Sequence[int] | None = 
     ``input_size``, the module it belongs to, and ``stage``: its index in the pyramid that
     ``stages="auto"`` chooses (None for every other node).
     """
-    size_a, size_b = _example_sizes(model, input_size)
     gm = trace(model, tuple(leaf_modules))
+    size_a, size_b = _example_sizes(model, input_size, gm)
     if in_chans:
         shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
     else:
