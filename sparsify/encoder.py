@@ -42,10 +42,11 @@ def _is_conv(module: object) -> bool:
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 
 
-def _first_conv_in_graph(gm: fx.GraphModule) -> nn.Module | None:
+def _first_conv_in_graph(model: nn.Module, gm: fx.GraphModule) -> nn.Module | None:
     """The first convolution module the input reaches, in graph order (a module call, or a functional
     conv reading a conv module's weight as timm's weight-standardised convs do), or None."""
-    modules = dict(gm.named_modules())
+    # The model's own modules: the traced graph holds only stubs for modules whose weights it reads.
+    modules = dict(model.named_modules())
     reached: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -74,7 +75,7 @@ def _first_conv(model: nn.Module, gm: fx.GraphModule | None = None) -> nn.Module
     graph holds no convolution module, the first registered convolution of the model's majority rank.
     """
     if gm is not None:
-        found = _first_conv_in_graph(gm)
+        found = _first_conv_in_graph(model, gm)
         if found is not None:
             return found
     convs = [m for m in model.modules() if _is_conv(m)]

@@ -56,3 +56,23 @@ def test_spatial_rank_comes_from_the_first_conv_the_input_reaches(input_size):
     assert enc.downsample_ratio == 4
     rows = sparsify.graph_node_names(ManyECANet(), input_size)
     assert any(r.stride == 4 for r in rows)
+
+
+class FunctionalStemNet(nn.Module):
+    """The first convolution is ``F.conv2d`` reading a Conv2d's weight; the next conv has other in_channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.down = nn.Conv2d(4, 4, 1, stride=4, groups=4, bias=False)
+        self.eca = _ECA()
+
+    def forward(self, x):
+        c = self.stem
+        x = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return self.eca(self.down(F.relu(x)))
+
+
+def test_in_chans_from_a_functional_first_conv():
+    enc = sparsify.wrap(FunctionalStemNet(), 16)
+    assert enc.in_chans == 1 and enc.spatial_dims == 2 and enc.downsample_ratio == 4
