@@ -255,7 +255,10 @@ class SparseEncoder(nn.Module):
             path whose output the stage is, if any).
         feature_channels / feature_strides: per stage, finest to coarsest (each stride an int when
             every axis agrees, else one int per axis).
-        downsample_ratio: the final stride R (an int, or one per axis where they differ).
+        downsample_ratio: the final stride R (an int, or one per axis where they differ): the stride of
+            the maps the network ends with, not of a down-up block inside a stage.
+        size_multiple: what input sizes must be multiples of: R, or more when a block inside a stage
+            pools below R and interpolates back (its coarser cells are active where any site is).
         patch_size: the mask patch: R unless ``wrap(..., patch_size=...)`` asked for a finer one.
         spatial_dims: 1 (signals, (B, C, L)), 2 (images) or 3 (volumes and video, (B, C, D, H, W)).
         geometry: the :class:`sparsify._geometry.Geometry` (rank and per-axis patch) of the masks.
@@ -265,7 +268,7 @@ class SparseEncoder(nn.Module):
 
     def __init__(self, sparse_gm: fx.GraphModule, dense_graph: fx.Graph, stages: list[Stage],
                  in_chans: int, input_size: tuple[int, ...], norm_type: str | None, model_name: str,
-                 patch: tuple[int, ...] | None = None):
+                 patch: tuple[int, ...] | None = None, multiple: tuple[int, ...] | None = None):
         super().__init__()
         _adopt(self, sparse_gm)
         self._forward_impl: Callable[..., list[torch.Tensor]] = type(sparse_gm).forward
@@ -282,6 +285,7 @@ class SparseEncoder(nn.Module):
         rank = len(input_size)
         final = stages[-1].stride
         self._final = (final,) * rank if isinstance(final, int) else tuple(final)
+        self._multiple = tuple(multiple) if multiple is not None else self._final
         self.geometry = Geometry(rank, tuple(patch) if patch is not None else self._final)
 
     @property
@@ -323,6 +327,13 @@ class SparseEncoder(nn.Module):
         return self.stages[-1].stride
 
     @property
+    def size_multiple(self) -> int | tuple[int, ...]:
+        """What every input size must be a multiple of, per axis (an int when every axis agrees): the
+        downsample ratio R, or a multiple of it when a block inside a stage pools below R and
+        interpolates back (a DFC attention gate, an hourglass block)."""
+        return compact(self.__dict__.get("_multiple", self._final))
+
+    @property
     def patch_size(self) -> int | tuple[int, ...]:
         """The mask patch (an int when every axis agrees): one mask cell covers this many input sites."""
         return self.geometry.ratio
@@ -349,6 +360,16 @@ class SparseEncoder(nn.Module):
         if len(size) != rank:
             raise SparsifyError(f"{self.model_name} is a {rank}-D encoder: its inputs have spatial size "
                                 f"{_SIZE_FORMS.get(rank, '')}, got {len(size)} sizes {tuple(size)}")
+        multiple = self.__dict__.get("_multiple", self._final)
+        if multiple != self._final:  # a down-up block inside a stage pools below the total stride
+            needed = Geometry(rank, multiple)
+            if not needed.fits(size):
+                lo, hi = needed.nearest(size)
+                raise SparsifyError(
+                    f"input size {Geometry.describe(size)} is not a multiple of the size multiple "
+                    f"{compact(multiple)} of {self.model_name} (its downsample ratio is {compact(self._final)}, "
+                    f"but a block inside pools to stride {compact(multiple)} and back); use sizes like "
+                    f"{Geometry.describe(lo)} or {Geometry.describe(hi)}")
         if self._final != self.geometry.patch:  # the network itself needs multiples of its total stride
             final = Geometry(rank, self._final)
             if not final.fits(size):
@@ -391,6 +412,8 @@ class SparseEncoder(nn.Module):
     def extra_repr(self) -> str:
         pyramid = ", ".join(f"{s.module or s.name}@{s.stride}:{s.channels}" for s in self.stages)
         patch = "" if self._final == self.geometry.patch else f", patch={self.patch_size}"
+        if self.__dict__.get("_multiple", self._final) != self._final:
+            patch += f", size_multiple={self.size_multiple}"
         return f"model={self.model_name}, R={self.downsample_ratio}{patch}, stages=[{pyramid}]"
 
 
@@ -503,6 +526,23 @@ def _rounded_maps(shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...], size_
                for n, shape in shapes_a.items())
 
 
+def _size_multiple(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...],
+                   size_b: tuple[int, ...], final: tuple[int, ...]) -> tuple[int, ...]:
+    """Per axis, the least common multiple of the final stride and of every stride a map of ``gm``
+    reaches: inputs must be multiples of it so that a down-up block inside a stage (a gate pooled
+    below the final stride and interpolated back) sees whole cells."""
+    import math
+
+    from .stages import axis_strides
+
+    multiple = list(final)
+    for node in gm.graph.nodes:
+        strides = axis_strides(shapes_a.get(node), shapes_b.get(node), size_a, size_b)
+        if strides is not None:
+            multiple = [math.lcm(m, s) for m, s in zip(multiple, strides)]
+    return tuple(multiple)
+
+
 def _checked_patch(patch_size: int | Sequence[int] | None, final: tuple[int, ...], stages: list[Stage],
                    name: str) -> tuple[int, ...]:
     """The mask patch per axis: the final stride, or a finer ``patch_size`` that divides it (and that
@@ -574,6 +614,10 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
         chans = in_chans or (_first_conv(model, gm) is not None and _first_conv_channels(model, gm))
         if not chans:
             raise
+        if isinstance(stages, str) and stages == "auto" or isinstance(stages, (list, tuple)):
+            # Too small for a down-up block inside (a gate pooled to 0 x 0): name the size that fits.
+            check_total_stride(model, gm, chans, size_a, None, None if stages == "auto" else list(stages),
+                               stride_only=True)
         raise explain_trace_failure(model, gm, _example(model, chans, size_a), error) from error
     check_trace_matches(model, gm, _example(model, in_chans, size_a))
     try:
@@ -610,8 +654,15 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
     by_name = {n.name: n for n in gm.graph.nodes}
     cut_shapes_a = {n: shapes_a.get(by_name.get(n.name)) for n in cut.graph.nodes}
     cut_shapes_b = {n: shapes_b.get(by_name.get(n.name)) for n in cut.graph.nodes}
+    multiple = _size_multiple(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, final)
+    if not Geometry(len(size_a), multiple).fits(size_a):  # a down-up block inside needs more than R
+        check_total_stride(model, gm, in_chans, size_a, None, names)
+        lo, hi = Geometry(len(size_a), multiple).nearest(size_a)
+        raise SparsifyError(f"input_size {Geometry.describe(size_a)} is not a multiple of {type(model).__name__}'s "
+                            f"size multiple {compact(multiple)}; use e.g. {Geometry.describe(lo)} or "
+                            f"{Geometry.describe(hi)}")
     try:
-        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, patch, cut_outputs, final)
+        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, patch, cut_outputs, multiple)
     except SparsifyError as error:
         stem = unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
         if stem:
@@ -622,7 +673,7 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
     share_modules(sparse_gm, model)
     dense_graph = build_dense_graph(cut, cut_outputs)
     enc = SparseEncoder(sparse_gm, dense_graph, [s for _, s in chosen], in_chans, size_a,
-                        _norm_type(sparse_gm), type(model).__name__, patch)
+                        _norm_type(sparse_gm), type(model).__name__, patch, multiple)
     enc._stage_modules = stage_modules(gm, [n for n, _ in chosen])
     enc._forward_kwargs = dict(gm.meta.get("concrete_args", {}))
     object.__setattr__(enc, "_source_model", model)

@@ -218,13 +218,51 @@ class _Graph:
             self._articulation[node] = not _reaches_output_without(self.input, self.output, node)
         return self._articulation[node]
 
+    def on_the_main_path(self, candidates: list[fx.Node]) -> list[fx.Node]:
+        """The candidates that are not inside a down-up excursion.
+
+        A map at stride s is inside one (the pooled gate of a DFC attention, the inner levels of an
+        hourglass block, the coarse head branch of LR-ASPP) when every path from it to the output
+        comes back to a finer stride and some path from the input to the output avoids it. The
+        network's downsample ratio is the coarsest stride of the other maps (the maps it ends with,
+        or the coarsest map every path runs through). When that leaves no map at stride 4 or more (a
+        whole UNet: every level is bypassed by a skip and decoded back), every candidate counts, so
+        the contracting path is the pyramid as before.
+        """
+        stays: dict[tuple[int, ...], set[fx.Node]] = {}
+        for stride in {self.strides[n] for n in candidates}:
+            stays[stride] = self._reaches_output_at_least(stride)
+        kept = [n for n in candidates if n in stays[self.strides[n]] or self.everything_depends_on(n)]
+        finest_floor = min(_MIN_STRIDE, max(max(self.strides[n]) for n in candidates))
+        if not kept or max(max(self.strides[n]) for n in kept) < finest_floor:
+            return candidates
+        return kept
+
+    def _reaches_output_at_least(self, stride: tuple[int, ...]) -> set[fx.Node]:
+        """Nodes with a path to the output whose maps are never finer than ``stride`` (non-maps pass)."""
+        def finer(other: tuple[int, ...] | None) -> bool:
+            return other is not None and other != stride and all(a <= b for a, b in zip(other, stride))
+
+        seen = {self.output}
+        todo = [self.output]
+        while todo:
+            for arg in todo.pop().all_input_nodes:
+                if arg not in seen and not finer(self.strides.get(arg)):
+                    seen.add(arg)
+                    todo.append(arg)
+        return seen
+
     def stage(self, node: fx.Node) -> Stage:
         return Stage(node.name, compact(self.strides[node]), self.shapes_a[node][1], self.module_of(node))
 
     def module_of(self, node: fx.Node) -> str | None:
         """The outermost module call returning ``node`` that spans at most two strides (one stage)."""
+        own = self.strides[node]
         for call in self.calls.ending_at(node):
-            spanned = {self.strides[n] for n in call.nodes if self.strides.get(n) is not None}
+            # maps coarser than the call's own output are a down-up block inside it, not a stage
+            spanned = {self.strides[n] for n in call.nodes if self.strides.get(n) is not None
+                       and not (own is not None and all(a >= b for a, b in zip(self.strides[n], own))
+                                and self.strides[n] != own)}
             if len(spanned) <= 2:
                 return call.path
         return None
@@ -342,8 +380,9 @@ def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
     if not candidates:
         raise SparsifyError("no feature map whose size scales with the input was found; check input_size "
                             "(it must be a multiple of the network's total stride) or pass stages=[...]")
+    g.check_sizes(needed, max((g.strides[n] for n in candidates), key=stride_order))
+    candidates = g.on_the_main_path(candidates)
     final = max((g.strides[n] for n in candidates), key=stride_order)
-    g.check_sizes(needed, final)
     # From stride 4 up on the most downsampled axis (a video stem's (1, 2, 2) is no stage).
     wanted = sorted({g.strides[n] for n in candidates if max(g.strides[n]) >= min(_MIN_STRIDE, max(final))},
                     key=stride_order)
