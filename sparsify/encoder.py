@@ -58,12 +58,22 @@ def _first_conv_in_graph(model: nn.Module, gm: fx.GraphModule) -> nn.Module | No
         reached.add(node)
         if node.op == "call_module" and _is_conv(modules.get(node.target)):
             return modules[node.target]
-        if node.op == "call_function" and node.target in _CONV_FUNCTIONS and len(node.args) > 1:
-            weight = node.args[1]
-            if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                owner = modules.get(str(weight.target).rpartition(".")[0])
-                if _is_conv(owner):
-                    return owner
+        if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+            # The module whose weight it reads, directly or standardised first (timm's StdConv2d);
+            # None when no conv module owns it (the caller falls back), never a later convolution.
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            todo, seen = [weight] if isinstance(weight, fx.Node) else [], set()
+            while todo:
+                w = todo.pop()
+                if w in seen or w in reached:
+                    continue
+                seen.add(w)
+                if w.op == "get_attr":
+                    owner = modules.get(str(w.target).rpartition(".")[0])
+                    if _is_conv(owner):
+                        return owner
+                todo.extend(w.all_input_nodes)
+            return None
     return None
 
 

@@ -76,3 +76,18 @@ class FunctionalStemNet(nn.Module):
 def test_in_chans_from_a_functional_first_conv():
     enc = sparsify.wrap(FunctionalStemNet(), 16)
     assert enc.in_chans == 1 and enc.spatial_dims == 2 and enc.downsample_ratio == 4
+
+
+@pytest.mark.parametrize("eca_kernel", [1, 3])
+def test_spatial_rank_with_a_standardised_first_conv_and_eca(eca_kernel):
+    # The Hypothesis cases of tests/test_contract_random.py::test_batchnorm_nets_with_heads: timm's
+    # StdConv2d (F.conv2d on a standardised weight) first, then ECA's Conv1d.
+    from sparsify.testing.random_cnn import CNNSpec, ConvSpec, ECASpec, HeadSpec, build_cnn
+
+    conv = dict(dilation=1, norm="bn", act="relu", bias=False, functional_act=False, pad_mode="conv")
+    spec = CNNSpec(in_chans=2, blocks=(ConvSpec(out=4, kernel=3, stride=1, groups=2, conv="std", **conv),
+                                       ConvSpec(out=4, kernel=1, stride=2, groups=4, conv="module", **conv),
+                                       ECASpec(kernel=eca_kernel)),
+                   head=HeadSpec(num_classes=1, pool="adaptive"), seed=0, spatial_dims=2)
+    enc = sparsify.wrap(build_cnn(spec), (4, 8))
+    assert enc.spatial_dims == 2 and enc.in_chans == 2
