@@ -396,11 +396,103 @@ def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
             found = _last_node_at(g, candidates, stride)
         if found is not None:
             result.append((found, g.stage(found)))
+    if len(result) < len(wanted):  # parallel branches (HRNet): no single map at some stride
+        fused = _last_fusion(g, wanted, candidates)
+        if fused is not None:
+            result = [(n, g.stage(n)) for n in fused]
     if not result or g.strides[result[-1][0]] != final:
         raise SparsifyError(f"could not find a single feature map at the final stride {compact(final)} that the "
                             "output depends on; pass stages=[node or module names] (see "
                             "sparsify.graph_node_names)")
     return result
+
+
+_FUSION_TRIES = 6  # latest candidates tried per stride when searching the last fusion
+_FUSION_CHECKS = 64  # sets of maps checked at most (each check walks the graph a few times)
+
+
+def _last_fusion(g: _Graph, wanted: list[tuple[int, ...]], candidates: list[fx.Node]) -> list[fx.Node] | None:
+    """One map per wanted stride from where parallel branches run side by side (HRNet), or None.
+
+    When no single map at some stride carries everything (each branch keeps its own resolution and
+    the fusions exchange between them), the stages are the latest maps, one per stride, that
+    together carry everything: every path from the input to the output runs through one of them,
+    and through none of the others alone. Each is the output of a module call that runs at that
+    stride only (a branch's block, HRNet's per-branch head block): later maps mix strides (the head's
+    downsampling chain), and a map every path runs through would make the others unnecessary.
+    """
+    single: dict[tuple[int, ...], list[fx.Node]] = {s: [] for s in wanted}
+    keep = set(candidates)
+
+    def one_stride(call: Call) -> bool:
+        if call.output is None or g.strides.get(call.output) is None:
+            return False
+        stride, inside = g.strides[call.output], set(call.nodes)
+        inputs = {a for n in call.nodes for a in n.all_input_nodes if a not in inside}
+        return (all(g.strides.get(n) in (None, stride) for n in call.nodes)
+                and all(g.strides.get(a) in (None, stride) for a in inputs))
+
+    for call in g.calls.calls.values():
+        out = call.output
+        if out is None or out not in keep or g.strides[out] not in single or g.everything_depends_on(out):
+            continue
+        # the outermost call that runs at one stride: not a layer inside a branch's block, nor the
+        # last layer of a call that downsamples (its output is that call's)
+        stack = g.calls.keys[call.nodes[0]]
+        parent = stack[stack.index(call.key) - 1] if stack.index(call.key) > 0 else None
+        if parent is not None and one_stride(g.calls.calls[parent]):
+            continue
+        if parent is not None and not set(out.users) - set(g.calls.calls[parent].nodes):
+            continue  # a layer inside a call that downsamples (the norm after its strided conv)
+        if not one_stride(call) or not any(_is_conv_node(n, g) for n in call.nodes):
+            continue  # a norm or activation alone may be the tail of a downsampling conv
+        if any(not one_stride(c) for c in g.calls.ending_at(out)):
+            continue
+        if out not in single[g.strides[out]]:
+            single[g.strides[out]].append(out)
+    tries = {s: sorted(nodes, key=g.order.get, reverse=True)[:_FUSION_TRIES] for s, nodes in single.items()}
+    if any(not nodes for nodes in tries.values()):
+        return None
+    order = sorted(wanted, key=stride_order, reverse=True)  # the coarsest first: the latest maps
+    budget = [_FUSION_CHECKS]
+
+    def search(i: int, chosen: list[fx.Node]) -> list[fx.Node] | None:
+        if i == len(order):
+            budget[0] -= 1
+            return chosen if _is_minimal_cut(g, set(chosen)) else None
+        if budget[0] <= 0:
+            return None
+        for node in tries[order[i]]:
+            found = search(i + 1, chosen + [node])
+            if found is not None:
+                return found
+        return None
+
+    found = search(0, [])
+    return sorted(found, key=lambda n: stride_order(g.strides[n])) if found is not None else None
+
+
+def _is_conv_node(node: fx.Node, g: _Graph) -> bool:
+    if node.op == "call_module":
+        return isinstance(g.modules.get(node.target), nn.modules.conv._ConvNd)
+    return node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _is_cut(g: _Graph, nodes: set[fx.Node]) -> bool:
+    """Whether every path from the input to the output runs through one of ``nodes``."""
+    seen, todo = set(nodes), [g.input]
+    while todo:
+        for user in todo.pop().users:
+            if user is g.output:
+                return False
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return True
+
+
+def _is_minimal_cut(g: _Graph, nodes: set[fx.Node]) -> bool:
+    return _is_cut(g, nodes) and not any(_is_cut(g, nodes - {n}) for n in nodes)
 
 
 def _stage_level(g: _Graph, transitions: list[fx.Node]) -> tuple[str, ...]:
