@@ -106,7 +106,9 @@ def _rough_stride(shape_a: Any, shape_b: Any, size_b: tuple[int, ...]) -> tuple[
     return tuple(round(size_b[d - 2] / shape_b[d]) for d in dims)
 
 
-def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node) -> bool:
+def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node, shapes: dict | None = None) -> bool:
+    """Whether data flows from ``start`` to ``output`` avoiding ``skip``. With ``shapes``, values that
+    are no tensor (``x.shape[-2:]`` handed to a final interpolate) carry no data: not a path."""
     seen = {skip}
     todo = [start]
     while todo:
@@ -114,6 +116,8 @@ def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node) -> b
         if node is output:
             return True
         for user in node.users:
+            if shapes is not None and user is not output and shapes.get(user) is None:
+                continue
             if user not in seen:
                 seen.add(user)
                 todo.append(user)
@@ -215,7 +219,7 @@ class _Graph:
     def everything_depends_on(self, node: fx.Node) -> bool:
         """Whether every path from the input to the output runs through ``node``."""
         if node not in self._articulation:
-            self._articulation[node] = not _reaches_output_without(self.input, self.output, node)
+            self._articulation[node] = not _reaches_output_without(self.input, self.output, node, self.shapes_a)
         return self._articulation[node]
 
     def on_the_main_path(self, candidates: list[fx.Node]) -> list[fx.Node]:
@@ -270,7 +274,7 @@ class _Graph:
     def check_sizes(self, used: set[fx.Node], final: tuple[int, ...]) -> None:
         """Refuse an input size the network's deepest maps do not divide (their sizes got rounded)."""
         rough = [_rough_stride(self.shapes_a.get(n), self.shapes_b.get(n), self.size_b) for n in self.nodes
-                 if n in used]
+                 if n in used and self.strides.get(n) is None]  # exact maps are not rounded
         rough = [r for r in rough if r is not None and any(a > b for a, b in zip(r, final))]
         if rough:
             ratio = tuple(max(r[i] for r in rough) for i in range(self.rank))
@@ -365,6 +369,10 @@ def _returned_maps(g: _Graph) -> list[tuple[fx.Node, Stage]] | None:
                             "feature map whose size is the input size divided by a whole stride; check "
                             "input_size or pass stages=[node or module names]")
     final = max((g.strides[n] for n in maps), key=stride_order)
+    if max(final) < _MIN_STRIDE:
+        # Full-resolution outputs (a segmentation model's logits): not a pyramid; its stages are
+        # found inside, as for a model returning one map.
+        return None
     g.check_sizes(_ancestors(g.output), final)
     floor = min(_MIN_STRIDE, max(final))
     last_at: dict[tuple[int, ...], fx.Node] = {}
@@ -485,7 +493,7 @@ def _is_cut(g: _Graph, nodes: set[fx.Node]) -> bool:
         for user in todo.pop().users:
             if user is g.output:
                 return False
-            if user not in seen:
+            if user not in seen and g.shapes_a.get(user) is not None:
                 seen.add(user)
                 todo.append(user)
     return True
