@@ -172,7 +172,7 @@ def test_every_size_a_run_time_error_suggests_works():
     with pytest.raises(SparsifyError, match="size multiple 64") as info:
         enc(x)
     for suggested in _suggested(str(info.value)):
-        assert len(enc(torch.randn(1, 3, *suggested))) == 4
+        assert len(enc(torch.randn(2, 3, *suggested))) == 4
     spark = SparK(enc)
     with pytest.raises(SparsifyError, match="size multiple 64") as info:
         spark(torch.randn(2, 3, 96, 96))
@@ -182,9 +182,10 @@ def test_every_size_a_run_time_error_suggests_works():
     assert torch.isfinite(loss)
 
 
-def test_a_whole_unet_keeps_its_contracting_path():
-    # Every level below stride 1 is bypassed by a skip and decoded back: the pyramid stays the
-    # contracting path (the down-up rule must not shrink it to stride 1).
+def test_a_whole_unet_is_not_taken_for_a_down_up_block():
+    # Every level below stride 1 is bypassed by a skip and decoded back. The down-up rule must not
+    # shrink it to a stride-1 "pyramid": automatic stages refuse it as before (no single map at the
+    # bottleneck), and the named contracting path wraps at R = 8.
     class UNet(nn.Module):
         def __init__(self):
             super().__init__()
@@ -201,7 +202,9 @@ def test_a_whole_unet_keeps_its_contracting_path():
                 x = layer(F.interpolate(x, scale_factor=2) + skip)
             return self.out(x)
 
-    enc = sparsify.wrap(UNet(), (32, 32))
+    with pytest.raises(SparsifyError, match="final stride 8"):
+        sparsify.wrap(UNet(), (32, 32))
+    enc = sparsify.wrap(UNet(), (32, 32), stages=["enc.2", "enc.3"])
     assert enc.downsample_ratio == 8 and enc.size_multiple == 8
 
 
