@@ -106,9 +106,22 @@ def _rough_stride(shape_a: Any, shape_b: Any, size_b: tuple[int, ...]) -> tuple[
     return tuple(round(size_b[d - 2] / shape_b[d]) for d in dims)
 
 
-def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node, shapes: dict | None = None) -> bool:
-    """Whether data flows from ``start`` to ``output`` avoiding ``skip``. With ``shapes``, values that
-    are no tensor (``x.shape[-2:]`` handed to a final interpolate) carry no data: not a path."""
+_METADATA = {"shape", "ndim", "dtype", "device", "size", "dim"}
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()``...: carries the input's size, none of its values."""
+    import builtins
+
+    if node.op == "call_method":
+        return node.target in _METADATA
+    return (node.op == "call_function" and node.target is builtins.getattr and len(node.args) > 1
+            and node.args[1] in _METADATA)
+
+
+def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node) -> bool:
+    """Whether data flows from ``start`` to ``output`` avoiding ``skip``. Sizes read from a tensor
+    (``x.shape[-2:]`` handed to a segmentation model's final interpolate) carry no data: no path."""
     seen = {skip}
     todo = [start]
     while todo:
@@ -116,7 +129,7 @@ def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node, shap
         if node is output:
             return True
         for user in node.users:
-            if shapes is not None and user is not output and shapes.get(user) is None:
+            if _reads_metadata(user):
                 continue
             if user not in seen:
                 seen.add(user)
@@ -219,7 +232,7 @@ class _Graph:
     def everything_depends_on(self, node: fx.Node) -> bool:
         """Whether every path from the input to the output runs through ``node``."""
         if node not in self._articulation:
-            self._articulation[node] = not _reaches_output_without(self.input, self.output, node, self.shapes_a)
+            self._articulation[node] = not _reaches_output_without(self.input, self.output, node)
         return self._articulation[node]
 
     def on_the_main_path(self, candidates: list[fx.Node]) -> list[fx.Node]:
@@ -230,8 +243,8 @@ class _Graph:
         comes back to a finer stride and some path from the input to the output avoids it. The
         network's downsample ratio is the coarsest stride of the other maps (the maps it ends with,
         or the coarsest map every path runs through). When that leaves no map at stride 4 or more (a
-        whole UNet: every level is bypassed by a skip and decoded back), every candidate counts, so
-        the contracting path is the pyramid as before.
+        whole UNet: every level is bypassed by a skip and decoded back), every candidate counts as
+        before (and such a network is refused as before: its contracting path has to be named).
         """
         stays: dict[tuple[int, ...], set[fx.Node]] = {}
         for stride in {self.strides[n] for n in candidates}:
@@ -493,7 +506,7 @@ def _is_cut(g: _Graph, nodes: set[fx.Node]) -> bool:
         for user in todo.pop().users:
             if user is g.output:
                 return False
-            if user not in seen and g.shapes_a.get(user) is not None:
+            if user not in seen and not _reads_metadata(user):
                 seen.add(user)
                 todo.append(user)
     return True
