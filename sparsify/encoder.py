@@ -624,10 +624,9 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
         chans = in_chans or (_first_conv(model, gm) is not None and _first_conv_channels(model, gm))
         if not chans:
             raise
-        if isinstance(stages, str) and stages == "auto" or isinstance(stages, (list, tuple)):
-            # Too small for a down-up block inside (a gate pooled to 0 x 0): name the size that fits.
-            check_total_stride(model, gm, chans, size_a, None, None if stages == "auto" else list(stages),
-                               stride_only=True)
+        # Too small for a down-up block inside (a gate pooled to 0 x 0): name the size that fits.
+        named = list(stages) if isinstance(stages, (list, tuple)) else None
+        check_total_stride(model, gm, chans, size_a, None, named, stride_only=True)
         raise explain_trace_failure(model, gm, _example(model, chans, size_a), error) from error
     check_trace_matches(model, gm, _example(model, in_chans, size_a))
     try:
