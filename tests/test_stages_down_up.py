@@ -212,6 +212,35 @@ def _cbr_(cin, cout, stride):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
+class TinySegNet(nn.Module):
+    """A segmentation model as torchvision writes them: the input's size read first, a coarse
+    image-pool branch, logits upsampled to the input, a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(_cbr_(3, 8, 2), _cbr_(8, 8, 2), _cbr_(8, 16, 2))
+        self.head = _cbr_(16, 16, 1)
+        self.pool_proj = nn.Conv2d(16, 16, 1)
+        self.classifier = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        input_shape = x.shape[-2:]
+        y = self.head(self.backbone(x))
+        pooled = F.interpolate(self.pool_proj(F.avg_pool2d(y, 2)), size=y.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        out = self.classifier(y + pooled)
+        return {"out": F.interpolate(out, size=input_shape, mode="bilinear", align_corners=False)}
+
+
+def test_segmentation_model_with_full_resolution_logits_gets_its_backbone_pyramid():
+    # The logits at stride 1 are no pyramid, and the input's size handed to the last interpolate is
+    # no path around the backbone: stages are found inside (the backbone's, as for a classifier's
+    # head, the segmentation head is not part of the last stage).
+    enc = _contract(TinySegNet(), (32, 48))
+    assert enc.feature_strides == [4, 8] and enc.downsample_ratio == 8 and enc.size_multiple == 8
+    assert [s.module for s in enc.stages] == ["backbone.1", "backbone.2"]
+
+
 # --- parallel multi-resolution branches ---------------------------------------------------------------
 def test_parallel_branches_give_one_map_per_stride_from_the_last_fusion():
     enc = _contract(ParallelResNet(), (64, 96))
