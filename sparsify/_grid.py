@@ -10,6 +10,8 @@ masked.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -90,13 +92,22 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
     found = [s for n, s in strides.items() if s is not None and n.op != "placeholder"]
     name = type(model).__name__
     if found:
-        ratio = tuple(max(s[i] for s in found) for i in range(rank))  # the last stage's, per axis
-        geometry = Geometry(rank, ratio)
+        # Inputs must be multiples of every stride a map reaches on the way to the last stage: the
+        # last stage's stride, and more where a down-up block inside a stage pools below it.
+        multiple = tuple(math.lcm(*(s[i] for s in found)) for i in range(rank))
+        ratio = axis_strides(shapes_a.get(output), shapes_b.get(output), probe_a, probe_b) if stages else None
+        geometry = Geometry(rank, multiple)
         if not geometry.fits(size):
             lo, hi = geometry.nearest(size)
+            if ratio is not None and tuple(ratio) != multiple:
+                raise SparsifyError(
+                    f"input_size {Geometry.describe(size)} is not a multiple of {name}'s size multiple "
+                    f"{compact(multiple)}: its downsample ratio (the stride of its last stage, which is also the "
+                    f"mask patch size) is {compact(ratio)}, but a block inside a stage pools to stride "
+                    f"{compact(multiple)} and back; use e.g. {Geometry.describe(lo)} or {Geometry.describe(hi)}")
             raise SparsifyError(
                 f"input_size {Geometry.describe(size)} is not a multiple of {name}'s downsample ratio "
-                f"{compact(ratio)} (the stride of its last stage, which is also the mask patch size); use e.g. "
+                f"{compact(multiple)} (the stride of its last stage, which is also the mask patch size); use e.g. "
                 f"{Geometry.describe(lo)} or {Geometry.describe(hi)}")
         return
     if stride_only:

@@ -242,6 +242,9 @@ def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, grid, input_node, to_
             infos[node] = NONSPATIAL
             continue
         out = decision.out
+        if isinstance(out, Info) and out.zero and _upsamples_coarse(node, shape, out.spatial, infos, shapes_a,
+                                                                    size_a, grid[0]):
+            out = out.but(zero=False)
         if isinstance(out, Info) and out.spatial is not None and isinstance(shape, torch.Size):
             aligned = out.aligned and _is_aligned(shape, shapes_b[node], out.spatial, size_a, size_b, *grid)
             zero = out.zero or node in to_mask
@@ -249,6 +252,28 @@ def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, grid, input_node, to_
         infos[node] = out
         decisions[node] = decision
     return infos, decisions, problems
+
+
+def _upsamples_coarse(node, shape, spatial, infos, shapes_a, size_a, patch) -> bool:
+    """Whether ``node`` upsamples a map coarser than the mask patch (a down-up block's gate).
+
+    Such a map is zero only at its coarse cells that are wholly masked (a cell is active where any
+    of its patches is visible), so its upsampled copy is not zero at every masked site of the finer
+    grid: the analysis must mask it where a consumer needs zeros.
+    """
+    if spatial is None or not isinstance(shape, torch.Size):
+        return False
+    for arg in node.all_input_nodes:
+        info, arg_shape = infos.get(arg), shapes_a.get(arg)
+        if not isinstance(info, Info) or info.spatial is None or not isinstance(arg_shape, torch.Size):
+            continue
+        if len(info.spatial) != len(spatial):
+            continue
+        for size, p, d_in, d_out in zip(size_a, patch, info.spatial, spatial):
+            cells = arg_shape[d_in]
+            if 0 < cells < shape[d_out] and size > p * cells:  # coarser than the patch, made finer
+                return True
+    return False
 
 
 def _attention_nodes(problems: list[tuple[fx.Node, str]]) -> str:

@@ -35,11 +35,60 @@ _SIZE_FORMS = {1: "(L,)", 2: "(H, W)", 3: "(D, H, W)"}
 _SIZE_EXAMPLES = {1: "(512,)", 2: "(224, 224)", 3: "(16, 64, 64)"}
 
 
-def _first_conv(model: nn.Module) -> nn.Module | None:
-    """The model's first convolution of its dominant rank (most of its convolutions are Conv2d in an
-    image network, even one with a Conv1d in its ECA blocks; transposed convolutions are not counted)."""
-    convs = [m for m in model.modules()
-             if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)]
+def _is_conv(module: object) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+
+_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _first_conv_in_graph(model: nn.Module, gm: fx.GraphModule) -> nn.Module | None:
+    """The first convolution module the input reaches, in graph order (a module call, or a functional
+    conv reading a conv module's weight as timm's weight-standardised convs do), or None."""
+    # The model's own modules: the traced graph holds only stubs for modules whose weights it reads.
+    modules = dict(model.named_modules())
+    reached: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if not reached:  # the input is the first placeholder; later ones are extra arguments
+                reached.add(node)
+            continue
+        if not any(a in reached for a in node.all_input_nodes):
+            continue
+        reached.add(node)
+        if node.op == "call_module" and _is_conv(modules.get(node.target)):
+            return modules[node.target]
+        if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+            # The module whose weight it reads, directly or standardised first (timm's StdConv2d);
+            # None when no conv module owns it (the caller falls back), never a later convolution.
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            todo, seen = [weight] if isinstance(weight, fx.Node) else [], set()
+            while todo:
+                w = todo.pop()
+                if w in seen or w in reached:
+                    continue
+                seen.add(w)
+                if w.op == "get_attr":
+                    owner = modules.get(str(w.target).rpartition(".")[0])
+                    if _is_conv(owner):
+                        return owner
+                todo.extend(w.all_input_nodes)
+            return None
+    return None
+
+
+def _first_conv(model: nn.Module, gm: fx.GraphModule | None = None) -> nn.Module | None:
+    """The first convolution the model's input reaches (transposed convolutions are not counted).
+
+    From the traced graph ``gm`` when given (graph order from the input, so an image network's Conv2d
+    stem decides even when its ECA blocks hold more Conv1d than it has Conv2d); otherwise, or when the
+    graph holds no convolution module, the first registered convolution of the model's majority rank.
+    """
+    if gm is not None:
+        found = _first_conv_in_graph(model, gm)
+        if found is not None:
+            return found
+    convs = [m for m in model.modules() if _is_conv(m)]
     if not convs:
         return None
     ranks = [len(m.kernel_size) for m in convs]
@@ -47,10 +96,11 @@ def _first_conv(model: nn.Module) -> nn.Module | None:
     return next(m for m in convs if len(m.kernel_size) == dominant)
 
 
-def _spatial_rank(model: nn.Module, size: int | Sequence[int]) -> int:
-    """The spatial rank of the input: from ``input_size`` when it is a sequence, else from the model's
-    first convolution (Conv1d, Conv2d, Conv3d), else 2. The traced graph then runs at that rank."""
-    conv = _first_conv(model)
+def _spatial_rank(model: nn.Module, size: int | Sequence[int], gm: fx.GraphModule | None = None) -> int:
+    """The spatial rank of the input: from ``input_size`` when it is a sequence, else from the first
+    convolution the input reaches (Conv1d, Conv2d, Conv3d), else 2. The traced graph then runs at that
+    rank."""
+    conv = _first_conv(model, gm)
     conv_rank = len(conv.kernel_size) if conv is not None else None
     if isinstance(size, (tuple, list)):
         rank = len(size)
@@ -78,8 +128,8 @@ def _input_size(size: int | Sequence[int], rank: int) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _first_conv_channels(model: nn.Module) -> int:
-    conv = _first_conv(model)
+def _first_conv_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> int:
+    conv = _first_conv(model, gm)
     if conv is not None:
         return conv.in_channels
     raise SparsifyError("could not infer the number of input channels (no convolution found); "
@@ -92,7 +142,7 @@ def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...])
     The first convolution's input channels, unless a space-to-depth stem (pixel_unshuffle, a
     reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k ** rank: then
     the count the graph actually runs with, the first of c / k^rank for k = 2, 3, ... """
-    first = _first_conv_channels(model)
+    first = _first_conv_channels(model, gm)
     block = [k ** len(size) for k in range(2, 17)]
     candidates = [first] + [first // b for b in block if first % b == 0]
     error: SparsifyError | None = None
@@ -225,7 +275,10 @@ class SparseEncoder(nn.Module):
             path whose output the stage is, if any).
         feature_channels / feature_strides: per stage, finest to coarsest (each stride an int when
             every axis agrees, else one int per axis).
-        downsample_ratio: the final stride R (an int, or one per axis where they differ).
+        downsample_ratio: the final stride R (an int, or one per axis where they differ): the stride of
+            the maps the network ends with, not of a down-up block inside a stage.
+        size_multiple: what input sizes must be multiples of: R, or more when a block inside a stage
+            pools below R and interpolates back (its coarser cells are active where any site is).
         patch_size: the mask patch: R unless ``wrap(..., patch_size=...)`` asked for a finer one.
         spatial_dims: 1 (signals, (B, C, L)), 2 (images) or 3 (volumes and video, (B, C, D, H, W)).
         geometry: the :class:`sparsify._geometry.Geometry` (rank and per-axis patch) of the masks.
@@ -235,7 +288,7 @@ class SparseEncoder(nn.Module):
 
     def __init__(self, sparse_gm: fx.GraphModule, dense_graph: fx.Graph, stages: list[Stage],
                  in_chans: int, input_size: tuple[int, ...], norm_type: str | None, model_name: str,
-                 patch: tuple[int, ...] | None = None):
+                 patch: tuple[int, ...] | None = None, multiple: tuple[int, ...] | None = None):
         super().__init__()
         _adopt(self, sparse_gm)
         self._forward_impl: Callable[..., list[torch.Tensor]] = type(sparse_gm).forward
@@ -252,6 +305,7 @@ class SparseEncoder(nn.Module):
         rank = len(input_size)
         final = stages[-1].stride
         self._final = (final,) * rank if isinstance(final, int) else tuple(final)
+        self._multiple = tuple(multiple) if multiple is not None else self._final
         self.geometry = Geometry(rank, tuple(patch) if patch is not None else self._final)
 
     @property
@@ -293,6 +347,13 @@ class SparseEncoder(nn.Module):
         return self.stages[-1].stride
 
     @property
+    def size_multiple(self) -> int | tuple[int, ...]:
+        """What every input size must be a multiple of, per axis (an int when every axis agrees): the
+        downsample ratio R, or a multiple of it when a block inside a stage pools below R and
+        interpolates back (a DFC attention gate, an hourglass block)."""
+        return compact(self.__dict__.get("_multiple", self._final))
+
+    @property
     def patch_size(self) -> int | tuple[int, ...]:
         """The mask patch (an int when every axis agrees): one mask cell covers this many input sites."""
         return self.geometry.ratio
@@ -319,6 +380,16 @@ class SparseEncoder(nn.Module):
         if len(size) != rank:
             raise SparsifyError(f"{self.model_name} is a {rank}-D encoder: its inputs have spatial size "
                                 f"{_SIZE_FORMS.get(rank, '')}, got {len(size)} sizes {tuple(size)}")
+        multiple = self.__dict__.get("_multiple", self._final)
+        if multiple != self._final:  # a down-up block inside a stage pools below the total stride
+            needed = Geometry(rank, multiple)
+            if not needed.fits(size):
+                lo, hi = needed.nearest(size)
+                raise SparsifyError(
+                    f"input size {Geometry.describe(size)} is not a multiple of the size multiple "
+                    f"{compact(multiple)} of {self.model_name} (its downsample ratio is {compact(self._final)}, "
+                    f"but a block inside pools to stride {compact(multiple)} and back); use sizes like "
+                    f"{Geometry.describe(lo)} or {Geometry.describe(hi)}")
         if self._final != self.geometry.patch:  # the network itself needs multiples of its total stride
             final = Geometry(rank, self._final)
             if not final.fits(size):
@@ -361,6 +432,8 @@ class SparseEncoder(nn.Module):
     def extra_repr(self) -> str:
         pyramid = ", ".join(f"{s.module or s.name}@{s.stride}:{s.channels}" for s in self.stages)
         patch = "" if self._final == self.geometry.patch else f", patch={self.patch_size}"
+        if self.__dict__.get("_multiple", self._final) != self._final:
+            patch += f", size_multiple={self.size_multiple}"
         return f"model={self.model_name}, R={self.downsample_ratio}{patch}, stages=[{pyramid}]"
 
 
@@ -449,17 +522,17 @@ def _example(model: nn.Module, in_chans: int, size: tuple[int, ...]) -> torch.Te
     return torch.randn(2, in_chans, *size, generator=gen).to(device=device, dtype=dtype)
 
 
-def _example_sizes(model: nn.Module, input_size: int | Sequence[int] | None
+def _example_sizes(model: nn.Module, input_size: int | Sequence[int] | None, gm: fx.GraphModule | None = None
                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The two example sizes: ``input_size`` per axis and twice it (224 x 224 for an image network
     when not given; volumes and signals have no usual size, so theirs must be given)."""
     if input_size is None:
-        rank = _spatial_rank(model, 224)
+        rank = _spatial_rank(model, 224, gm)
         if rank != 2:
             raise SparsifyError(f"{type(model).__name__} is a {rank}-D network: pass input_size as "
                                 f"{_SIZE_FORMS.get(rank, 'one size per axis')}, e.g. {_SIZE_EXAMPLES.get(rank, '')}")
         input_size = (224, 224)
-    size_a = _input_size(input_size, _spatial_rank(model, input_size))
+    size_a = _input_size(input_size, _spatial_rank(model, input_size, gm))
     return size_a, tuple(2 * s for s in size_a)
 
 
@@ -471,6 +544,23 @@ def _rounded_maps(shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...], size_
     return any(axis_strides(shape, shapes_b.get(n), size_a, size_b) is None
                and _rough_stride(shape, shapes_b.get(n), size_b) is not None
                for n, shape in shapes_a.items())
+
+
+def _size_multiple(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[int, ...],
+                   size_b: tuple[int, ...], final: tuple[int, ...]) -> tuple[int, ...]:
+    """Per axis, the least common multiple of the final stride and of every stride a map of ``gm``
+    reaches: inputs must be multiples of it so that a down-up block inside a stage (a gate pooled
+    below the final stride and interpolated back) sees whole cells."""
+    import math
+
+    from .stages import axis_strides
+
+    multiple = list(final)
+    for node in gm.graph.nodes:
+        strides = axis_strides(shapes_a.get(node), shapes_b.get(node), size_a, size_b)
+        if strides is not None:
+            multiple = [math.lcm(m, s) for m, s in zip(multiple, strides)]
+    return tuple(multiple)
 
 
 def _checked_patch(patch_size: int | Sequence[int] | None, final: tuple[int, ...], stages: list[Stage],
@@ -533,17 +623,21 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
                                                                         SparseEncoder):
         raise SparsifyError(f"{type(model).__name__} is already made by sparsify.wrap; wrap the original model "
                             "(the encoder shares its weights), or use the encoder as it is")
-    size_a, size_b = _example_sizes(model, input_size)
     gm = _trace_checked(model, tuple(leaf_modules), tuple(autowrap_functions), tracer_kwargs, concrete_args)
+    size_a, size_b = _example_sizes(model, input_size, gm)
     try:
         if in_chans:
             shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
         else:
             in_chans, shapes_a = _infer_in_chans(model, gm, size_a)
     except SparsifyError as error:
-        chans = in_chans or (_first_conv(model) is not None and _first_conv_channels(model))
-        failure = explain_trace_failure(model, gm, _example(model, chans, size_a), error) if chans else error
-        failure = _attention_first(model, gm, failure)
+        chans = in_chans or (_first_conv(model, gm) is not None and _first_conv_channels(model, gm))
+        if not chans:
+            raise
+        # Too small for a down-up block inside (a gate pooled to 0 x 0): name the size that fits.
+        named = list(stages) if isinstance(stages, (list, tuple)) else None
+        check_total_stride(model, gm, chans, size_a, None, named, stride_only=True)
+        failure = _attention_first(model, gm, explain_trace_failure(model, gm, _example(model, chans, size_a), error))
         if failure is error:
             raise
         raise failure from error
@@ -595,8 +689,15 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
     by_name = {n.name: n for n in gm.graph.nodes}
     cut_shapes_a = {n: shapes_a.get(by_name.get(n.name)) for n in cut.graph.nodes}
     cut_shapes_b = {n: shapes_b.get(by_name.get(n.name)) for n in cut.graph.nodes}
+    multiple = _size_multiple(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, final)
+    if not Geometry(len(size_a), multiple).fits(size_a):  # a down-up block inside needs more than R
+        check_total_stride(model, gm, in_chans, size_a, None, names)
+        lo, hi = Geometry(len(size_a), multiple).nearest(size_a)
+        raise SparsifyError(f"input_size {Geometry.describe(size_a)} is not a multiple of {type(model).__name__}'s "
+                            f"size multiple {compact(multiple)}; use e.g. {Geometry.describe(lo)} or "
+                            f"{Geometry.describe(hi)}")
     try:
-        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, patch, cut_outputs, final)
+        analysis = analyse(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, patch, cut_outputs, multiple)
     except SparsifyError as error:
         stem = unaligned_stem(cut, cut_shapes_a, cut_shapes_b, size_a, size_b, cut_outputs)
         if stem and getattr(error, "attention", False):  # attention decides; the stem comes second
@@ -609,7 +710,7 @@ def wrap(model: nn.Module, input_size: int | Sequence[int] | None = None, stages
     share_modules(sparse_gm, model)
     dense_graph = build_dense_graph(cut, cut_outputs)
     enc = SparseEncoder(sparse_gm, dense_graph, [s for _, s in chosen], in_chans, size_a,
-                        _norm_type(sparse_gm), type(model).__name__, patch)
+                        _norm_type(sparse_gm), type(model).__name__, patch, multiple)
     enc._stage_modules = stage_modules(gm, [n for n, _ in chosen])
     enc._forward_kwargs = dict(gm.meta.get("concrete_args", {}))
     object.__setattr__(enc, "_source_model", model)
@@ -626,8 +727,8 @@ def graph_node_names(model: nn.Module, input_size: int | Sequence[int] | None = 
     ``input_size``, the module it belongs to, and ``stage``: its index in the pyramid that
     ``stages="auto"`` chooses (None for every other node).
     """
-    size_a, size_b = _example_sizes(model, input_size)
     gm = trace(model, tuple(leaf_modules))
+    size_a, size_b = _example_sizes(model, input_size, gm)
     if in_chans:
         shapes_a = record_shapes(gm, _example(model, in_chans, size_a))
     else:

@@ -106,7 +106,22 @@ def _rough_stride(shape_a: Any, shape_b: Any, size_b: tuple[int, ...]) -> tuple[
     return tuple(round(size_b[d - 2] / shape_b[d]) for d in dims)
 
 
+_METADATA = {"shape", "ndim", "dtype", "device", "size", "dim"}
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()``...: carries the input's size, none of its values."""
+    import builtins
+
+    if node.op == "call_method":
+        return node.target in _METADATA
+    return (node.op == "call_function" and node.target is builtins.getattr and len(node.args) > 1
+            and node.args[1] in _METADATA)
+
+
 def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node) -> bool:
+    """Whether data flows from ``start`` to ``output`` avoiding ``skip``. Sizes read from a tensor
+    (``x.shape[-2:]`` handed to a segmentation model's final interpolate) carry no data: no path."""
     seen = {skip}
     todo = [start]
     while todo:
@@ -114,6 +129,8 @@ def _reaches_output_without(start: fx.Node, output: fx.Node, skip: fx.Node) -> b
         if node is output:
             return True
         for user in node.users:
+            if _reads_metadata(user):
+                continue
             if user not in seen:
                 seen.add(user)
                 todo.append(user)
@@ -218,13 +235,51 @@ class _Graph:
             self._articulation[node] = not _reaches_output_without(self.input, self.output, node)
         return self._articulation[node]
 
+    def on_the_main_path(self, candidates: list[fx.Node]) -> list[fx.Node]:
+        """The candidates that are not inside a down-up excursion.
+
+        A map at stride s is inside one (the pooled gate of a DFC attention, the inner levels of an
+        hourglass block, the coarse head branch of LR-ASPP) when every path from it to the output
+        comes back to a finer stride and some path from the input to the output avoids it. The
+        network's downsample ratio is the coarsest stride of the other maps (the maps it ends with,
+        or the coarsest map every path runs through). When that leaves no map at stride 4 or more (a
+        whole UNet: every level is bypassed by a skip and decoded back), every candidate counts as
+        before (and such a network is refused as before: its contracting path has to be named).
+        """
+        stays: dict[tuple[int, ...], set[fx.Node]] = {}
+        for stride in {self.strides[n] for n in candidates}:
+            stays[stride] = self._reaches_output_at_least(stride)
+        kept = [n for n in candidates if n in stays[self.strides[n]] or self.everything_depends_on(n)]
+        finest_floor = min(_MIN_STRIDE, max(max(self.strides[n]) for n in candidates))
+        if not kept or max(max(self.strides[n]) for n in kept) < finest_floor:
+            return candidates
+        return kept
+
+    def _reaches_output_at_least(self, stride: tuple[int, ...]) -> set[fx.Node]:
+        """Nodes with a path to the output whose maps are never finer than ``stride`` (non-maps pass)."""
+        def finer(other: tuple[int, ...] | None) -> bool:
+            return other is not None and other != stride and all(a <= b for a, b in zip(other, stride))
+
+        seen = {self.output}
+        todo = [self.output]
+        while todo:
+            for arg in todo.pop().all_input_nodes:
+                if arg not in seen and not finer(self.strides.get(arg)):
+                    seen.add(arg)
+                    todo.append(arg)
+        return seen
+
     def stage(self, node: fx.Node) -> Stage:
         return Stage(node.name, compact(self.strides[node]), self.shapes_a[node][1], self.module_of(node))
 
     def module_of(self, node: fx.Node) -> str | None:
         """The outermost module call returning ``node`` that spans at most two strides (one stage)."""
+        own = self.strides[node]
         for call in self.calls.ending_at(node):
-            spanned = {self.strides[n] for n in call.nodes if self.strides.get(n) is not None}
+            # maps coarser than the call's own output are a down-up block inside it, not a stage
+            spanned = {self.strides[n] for n in call.nodes if self.strides.get(n) is not None
+                       and not (own is not None and all(a >= b for a, b in zip(self.strides[n], own))
+                                and self.strides[n] != own)}
             if len(spanned) <= 2:
                 return call.path
         return None
@@ -232,7 +287,7 @@ class _Graph:
     def check_sizes(self, used: set[fx.Node], final: tuple[int, ...]) -> None:
         """Refuse an input size the network's deepest maps do not divide (their sizes got rounded)."""
         rough = [_rough_stride(self.shapes_a.get(n), self.shapes_b.get(n), self.size_b) for n in self.nodes
-                 if n in used]
+                 if n in used and self.strides.get(n) is None]  # exact maps are not rounded
         rough = [r for r in rough if r is not None and any(a > b for a, b in zip(r, final))]
         if rough:
             ratio = tuple(max(r[i] for r in rough) for i in range(self.rank))
@@ -327,6 +382,10 @@ def _returned_maps(g: _Graph) -> list[tuple[fx.Node, Stage]] | None:
                             "feature map whose size is the input size divided by a whole stride; check "
                             "input_size or pass stages=[node or module names]")
     final = max((g.strides[n] for n in maps), key=stride_order)
+    if max(final) < _MIN_STRIDE:
+        # Full-resolution outputs (a segmentation model's logits): not a pyramid; its stages are
+        # found inside, as for a model returning one map.
+        return None
     g.check_sizes(_ancestors(g.output), final)
     floor = min(_MIN_STRIDE, max(final))
     last_at: dict[tuple[int, ...], fx.Node] = {}
@@ -342,8 +401,9 @@ def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
     if not candidates:
         raise SparsifyError("no feature map whose size scales with the input was found; check input_size "
                             "(it must be a multiple of the network's total stride) or pass stages=[...]")
+    g.check_sizes(needed, max((g.strides[n] for n in candidates), key=stride_order))
+    candidates = g.on_the_main_path(candidates)
     final = max((g.strides[n] for n in candidates), key=stride_order)
-    g.check_sizes(needed, final)
     # From stride 4 up on the most downsampled axis (a video stem's (1, 2, 2) is no stage).
     wanted = sorted({g.strides[n] for n in candidates if max(g.strides[n]) >= min(_MIN_STRIDE, max(final))},
                     key=stride_order)
@@ -357,11 +417,103 @@ def _automatic_stages(g: _Graph) -> list[tuple[fx.Node, Stage]]:
             found = _last_node_at(g, candidates, stride)
         if found is not None:
             result.append((found, g.stage(found)))
+    if len(result) < len(wanted):  # parallel branches (HRNet): no single map at some stride
+        fused = _last_fusion(g, wanted, candidates)
+        if fused is not None:
+            result = [(n, g.stage(n)) for n in fused]
     if not result or g.strides[result[-1][0]] != final:
         raise SparsifyError(f"could not find a single feature map at the final stride {compact(final)} that the "
                             "output depends on; pass stages=[node or module names] (see "
                             "sparsify.graph_node_names)")
     return result
+
+
+_FUSION_TRIES = 6  # latest candidates tried per stride when searching the last fusion
+_FUSION_CHECKS = 64  # sets of maps checked at most (each check walks the graph a few times)
+
+
+def _last_fusion(g: _Graph, wanted: list[tuple[int, ...]], candidates: list[fx.Node]) -> list[fx.Node] | None:
+    """One map per wanted stride from where parallel branches run side by side (HRNet), or None.
+
+    When no single map at some stride carries everything (each branch keeps its own resolution and
+    the fusions exchange between them), the stages are the latest maps, one per stride, that
+    together carry everything: every path from the input to the output runs through one of them,
+    and through none of the others alone. Each is the output of a module call that runs at that
+    stride only (a branch's block, HRNet's per-branch head block): later maps mix strides (the head's
+    downsampling chain), and a map every path runs through would make the others unnecessary.
+    """
+    single: dict[tuple[int, ...], list[fx.Node]] = {s: [] for s in wanted}
+    keep = set(candidates)
+
+    def one_stride(call: Call) -> bool:
+        if call.output is None or g.strides.get(call.output) is None:
+            return False
+        stride, inside = g.strides[call.output], set(call.nodes)
+        inputs = {a for n in call.nodes for a in n.all_input_nodes if a not in inside}
+        return (all(g.strides.get(n) in (None, stride) for n in call.nodes)
+                and all(g.strides.get(a) in (None, stride) for a in inputs))
+
+    for call in g.calls.calls.values():
+        out = call.output
+        if out is None or out not in keep or g.strides[out] not in single or g.everything_depends_on(out):
+            continue
+        # the outermost call that runs at one stride: not a layer inside a branch's block, nor the
+        # last layer of a call that downsamples (its output is that call's)
+        stack = g.calls.keys[call.nodes[0]]
+        parent = stack[stack.index(call.key) - 1] if stack.index(call.key) > 0 else None
+        if parent is not None and one_stride(g.calls.calls[parent]):
+            continue
+        if parent is not None and not set(out.users) - set(g.calls.calls[parent].nodes):
+            continue  # a layer inside a call that downsamples (the norm after its strided conv)
+        if not one_stride(call) or not any(_is_conv_node(n, g) for n in call.nodes):
+            continue  # a norm or activation alone may be the tail of a downsampling conv
+        if any(not one_stride(c) for c in g.calls.ending_at(out)):
+            continue
+        if out not in single[g.strides[out]]:
+            single[g.strides[out]].append(out)
+    tries = {s: sorted(nodes, key=g.order.get, reverse=True)[:_FUSION_TRIES] for s, nodes in single.items()}
+    if any(not nodes for nodes in tries.values()):
+        return None
+    order = sorted(wanted, key=stride_order, reverse=True)  # the coarsest first: the latest maps
+    budget = [_FUSION_CHECKS]
+
+    def search(i: int, chosen: list[fx.Node]) -> list[fx.Node] | None:
+        if i == len(order):
+            budget[0] -= 1
+            return chosen if _is_minimal_cut(g, set(chosen)) else None
+        if budget[0] <= 0:
+            return None
+        for node in tries[order[i]]:
+            found = search(i + 1, chosen + [node])
+            if found is not None:
+                return found
+        return None
+
+    found = search(0, [])
+    return sorted(found, key=lambda n: stride_order(g.strides[n])) if found is not None else None
+
+
+def _is_conv_node(node: fx.Node, g: _Graph) -> bool:
+    if node.op == "call_module":
+        return isinstance(g.modules.get(node.target), nn.modules.conv._ConvNd)
+    return node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _is_cut(g: _Graph, nodes: set[fx.Node]) -> bool:
+    """Whether every path from the input to the output runs through one of ``nodes``."""
+    seen, todo = set(nodes), [g.input]
+    while todo:
+        for user in todo.pop().users:
+            if user is g.output:
+                return False
+            if user not in seen and not _reads_metadata(user):
+                seen.add(user)
+                todo.append(user)
+    return True
+
+
+def _is_minimal_cut(g: _Graph, nodes: set[fx.Node]) -> bool:
+    return _is_cut(g, nodes) and not any(_is_cut(g, nodes - {n}) for n in nodes)
 
 
 def _stage_level(g: _Graph, transitions: list[fx.Node]) -> tuple[str, ...]:

@@ -173,7 +173,11 @@ class SparK(nn.Module):
         self.patch_size = compact(patch)
         self.feature_channels = [int(c) for c in encoder.feature_channels]
         self.feature_strides = [compact(s) for s in strides]
-        self._size_geometry = Geometry(rank, ratio)  # the sizes the encoder accepts
+        # The sizes the encoder accepts: multiples of its size multiple (R, or more when a down-up
+        # block inside a stage pools below R), which every stride of the pyramid divides.
+        multiple = getattr(encoder, "size_multiple", None)
+        self._size_geometry = Geometry(rank, per_axis(multiple, rank, "encoder.size_multiple")
+                                       if multiple is not None else ratio)
         self._mask_geometry = Geometry(rank, patch)  # the mask grid and the loss patches
         self.densify_norm = resolve_densify_norm(densify_norm, getattr(encoder, "norm_type", None))
         self.decoder = LightDecoder(self.feature_strides, decoder_width, self.in_chans, rank)
@@ -218,9 +222,13 @@ class SparK(nn.Module):
             )
         if not self._size_geometry.fits(size):
             fitting = Geometry.describe(self._size_geometry.nearest(size)[0])
+            multiple = compact(self._size_geometry.patch)
+            what = (f"the downsample ratio {self.downsample_ratio}" if multiple == self.downsample_ratio else
+                    f"the encoder's size multiple {multiple} (downsample ratio {self.downsample_ratio}, but a block "
+                    "inside a stage pools below it)")
             raise SparsifyError(
-                f"input size {Geometry.describe(size)} is not a positive multiple of the downsample ratio "
-                f"{self.downsample_ratio}; resize or crop to e.g. {fitting}"
+                f"input size {Geometry.describe(size)} is not a positive multiple of {what}; resize or crop to "
+                f"e.g. {fitting}"
             )
         return self._mask_geometry.grid(size)
 

@@ -38,8 +38,10 @@ def patch_of(enc: nn.Module, rank: int) -> tuple[int, ...]:
 
 
 def ratio_of(enc: nn.Module, rank: int) -> tuple[int, ...]:
-    """The encoder's total stride per axis (inputs must be multiples of it)."""
-    return per_axis(enc.downsample_ratio, rank)
+    """What inputs must be multiples of, per axis: the encoder's ``size_multiple`` (its total stride,
+    or more when a down-up block inside a stage pools below it), else its downsample ratio."""
+    multiple = getattr(enc, "size_multiple", None)
+    return per_axis(multiple if multiple is not None else enc.downsample_ratio, rank)
 
 
 def _feature_hw(enc: nn.Module, i: int, size: Sequence[int]) -> tuple[int, ...] | None:
