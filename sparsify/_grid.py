@@ -124,7 +124,8 @@ def check_total_stride(model: nn.Module, gm: fx.GraphModule, in_chans: int, size
             raise _stem_error(
                 f"{name}'s feature maps never line up with the patch grid: node '{n.name}' in module '{where}' "
                 f"turns a {Geometry.describe(probe_a)} input (a probe size that every whole stride divides) into "
-                f"{Geometry.describe(shape[2:])}, which is not the input divided by a whole stride (e.g. a convolution without padding), and no later feature map is. "
+                f"{Geometry.describe(shape[2:])}, which is not the input divided by a whole stride (e.g. a "
+                "convolution without padding), and no later feature map is. "
                 "Masked patches cannot be mapped onto such maps; pad the first layers (padding=kernel_size//2)."
                 + (f"\nDetails: {error}" if error is not None else ""))
         break

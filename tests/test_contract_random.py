@@ -26,14 +26,7 @@ from sparsify.testing.random_cnn import LayerNorm2dPermute, build_cnn, every_ing
 
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny networks: intra-op threads only add synchronisation overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("size", [(16, 24), (32, 16)])

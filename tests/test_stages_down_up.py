@@ -23,7 +23,7 @@ import sparsify
 from sparsify.errors import SparsifyError
 from sparsify.testing import assert_sparse_semantics
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 # --- the spatial rank: the first convolution the input reaches ----------------------------------------
@@ -99,14 +99,6 @@ def test_spatial_rank_with_a_standardised_first_conv_and_eca(eca_kernel):
 
 
 # --- down-up blocks inside a stage ---------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _contract(model: nn.Module, size: tuple[int, ...], seed: int = 0):
     torch.manual_seed(seed)
     model = model.double()

@@ -23,7 +23,7 @@ from torch import nn
 
 from sparsify.testing import assert_sparse_semantics
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 Case = tuple[str, Callable[[], nn.Module], tuple[int, ...]]
 
@@ -40,14 +40,6 @@ def _collect() -> tuple[list[Case], list[Case]]:
 
 
 PATTERNS, REAL = _collect()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _check(case: Case, seed: int) -> None:

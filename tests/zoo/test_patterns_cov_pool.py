@@ -15,15 +15,7 @@ from sparsify.testing import assert_sparse_semantics
 
 from ._patterns_cov_pool import PATTERNS, REAL, HandEvoNormB0Net
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _check(build, size):

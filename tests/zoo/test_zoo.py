@@ -13,15 +13,7 @@ from sparsify.testing import assert_sparse_semantics, capture_module_outputs, pr
 
 from .models import CASES, ZooCase
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _setup(case: ZooCase):
