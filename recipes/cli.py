@@ -43,12 +43,8 @@ class RecipeError(Exception):
     """
 
 
-def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
-    """Parse ``224``, ``"224"``, ``"192x256"`` (H x W) or ``(192, 256)`` into ``(H, W)``.
-
-    Raises:
-        RecipeError: when the text is not one or two positive integers.
-    """
+def _size_values(text: str | int | Sequence[int]) -> list[int]:
+    """The integers of ``224``, ``"192x256"``, ``"48*64,64"`` or ``(192, 256)``; [] when one is not an integer."""
     if isinstance(text, int):
         parts: list[str] = [str(text)]
     elif isinstance(text, str):
@@ -56,9 +52,18 @@ def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
     else:
         parts = [str(v) for v in text]
     try:
-        values = [int(p.strip()) for p in parts]
+        return [int(p.strip()) for p in parts]
     except ValueError:
-        values = []
+        return []
+
+
+def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
+    """Parse ``224``, ``"224"``, ``"192x256"`` (H x W) or ``(192, 256)`` into ``(H, W)``.
+
+    Raises:
+        RecipeError: when the text is not one or two positive integers.
+    """
+    values = _size_values(text)
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or min(values) <= 0:
@@ -74,16 +79,7 @@ def parse_input_size(text: str | int | Sequence[int], rank: int = 2) -> tuple[in
         RecipeError: when the text is not positive integers, or their count does not fit ``rank``.
     """
     forms = {2: "N (a square) or HxW, e.g. 224 or 192x256", 3: "N (a cube) or DxHxW, e.g. 64 or 48x64x64"}
-    if isinstance(text, int):
-        parts: list[str] = [str(text)]
-    elif isinstance(text, str):
-        parts = text.lower().replace("*", "x").replace(",", "x").split("x")
-    else:
-        parts = [str(v) for v in text]
-    try:
-        values = [int(p.strip()) for p in parts]
-    except ValueError:
-        values = []
+    values = _size_values(text)
     what = "volumes" if rank == 3 else "images"
     if not values or min(values) <= 0:
         raise RecipeError(f"input size must be positive integers: {forms.get(rank, 'N')}; got {text!r}")
