@@ -151,6 +151,26 @@ def classify(record: dict, attention: bool = False) -> str:
     return "failure"
 
 
+def _reach(model: torch.nn.Module, enc: torch.nn.Module) -> dict:
+    """How much of the model a passing encoder covers: its last stage and its share of the parameters. A
+    pass that leaves most of the network outside (e.g. XCiT: its token blocks follow a convolutional
+    patch embedding, where the maps end) would pretrain only that part."""
+    total = sum(p.numel() for p in model.parameters())
+    inside = sum(p.numel() for p in enc.parameters())
+    last = enc.stages[-1]
+    return {"last_stage": f"{last.module or last.name} (stride {last.stride})",
+            "params_inside": round(inside / max(total, 1), 3)}
+
+
+def _pass_note(record: dict) -> str:
+    """The reason column of a pass: empty, unless the encoder leaves most of the parameters outside."""
+    share = record.get("params_inside")
+    if share is None or share >= 0.5:
+        return ""
+    return (f"the encoder ends at {record['last_stage']} and holds {100 * share:.0f}% of the parameters; the "
+            "rest (after the last feature map) is left outside")
+
+
 def _build(source: str, name: str, kwargs: dict) -> torch.nn.Module:
     if source == "timm":
         import timm
@@ -185,6 +205,8 @@ def check_one(source: str, name: str, size: tuple[int, int], kwargs: dict) -> di
         failed = [r for r in results if not r.passed]
         record["ok"] = not failed
         record["reason"] = "; ".join(f"{r.name} [{r.mode}]" for r in failed)
+        if record["ok"]:
+            record.update(_reach(model, sparsify.wrap(model, size, **wrap_kwargs)))
     except sparsify.SparsifyError as error:
         record["ok"] = False
         lines = str(error).splitlines()
@@ -405,7 +427,9 @@ def _summarise(records: list[dict], markdown: Path | None, seconds: float) -> in
     good = counts["pass"] + counts["principled refusal"]
     conv = [r for r in records if not r["attention"]]
     conv_good = sum(r["outcome"] != "failure" for r in conv)
-    summary = (f"{total} families: {counts['pass']} pass, {counts['principled refusal']} refused on principle, "
+    partial = sum(r["outcome"] == "pass" and bool(_pass_note(r)) for r in records)
+    summary = (f"{total} families: {counts['pass']} pass ({partial} with most parameters outside the encoder), "
+               f"{counts['principled refusal']} refused on principle, "
                f"{counts['failure']} fail ({100 * good / max(total, 1):.0f}% pass or are refused on principle); "
                f"without attention: {conv_good}/{len(conv)} ({100 * conv_good / max(len(conv), 1):.0f}%); "
                f"{seconds:.0f}s")
@@ -413,7 +437,7 @@ def _summarise(records: list[dict], markdown: Path | None, seconds: float) -> in
     if markdown:
         lines = ["| source | family | model | attention | input | outcome | reason |", "|---|---|---|---|---|---|---|"]
         for r in records:
-            reason = r["reason"].replace("|", "/")[:200]
+            reason = (r["reason"] or (_pass_note(r) if r["outcome"] == "pass" else "")).replace("|", "/")[:200]
             lines.append(f"| {r['source']} | {r['family']} | {r['model']} | {'yes' if r['attention'] else ''} "
                          f"| {'x'.join(map(str, r['size']))} "
                          f"| {r['outcome']} | {reason} |")
