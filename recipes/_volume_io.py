@@ -37,7 +37,7 @@ __all__ = [
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz")
 NPZ_KEYS = ("image", "data", "volume")
-SCANS_EXTRA_HINT = "pip install 'sparsify[scans]'"
+SCANS_EXTRA_HINT = "pip install 'sparsify-cnn[scans]'"
 # A file marking a folder as a voxel cache: the folder search skips it, so a cache kept inside the
 # data folder is not read as more volumes.
 CACHE_MARKER = ".sparsify-volume-cache"

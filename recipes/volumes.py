@@ -13,7 +13,7 @@ Files and layout
       at byte 128 is one single-channel volume; slices are sorted along the slice normal by
       ImagePositionPatient (InstanceNumber when positions are missing), RescaleSlope/Intercept are
       applied (CT in HU), and the spacing comes from the slice positions and PixelSpacing. Needs pydicom
-      (``pip install 'sparsify[scans]'``); without it the folder is refused with that advice.
+      (``pip install 'sparsify-cnn[scans]'``); without it the folder is refused with that advice.
     * Trailing length-1 axes beyond the third are dropped; a file with fewer than 3 or more than 4
       remaining axes is refused (named, and skipped like a damaged file).
 
@@ -277,7 +277,7 @@ def find_volumes(root: str | os.PathLike[str], *, channels: int | None = None) -
         except ImportError:
             first = next(f for f, _, d in groups if d)
             raise RecipeError(
-                f"'{first}' is a DICOM series, and reading DICOM needs pydicom: pip install 'sparsify[scans]'"
+                f"'{first}' is a DICOM series, and reading DICOM needs pydicom: pip install 'sparsify-cnn[scans]'"
             ) from None
         if channels not in (None, 1):
             first = next(f for f, _, d in groups if d)
