@@ -91,9 +91,19 @@ def setup(device: str | None = None, timeout_minutes: float = 30.0) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def cleanup() -> None:
-    """Destroy the process group if this process created one."""
+def cleanup(finished: bool = True) -> None:
+    """Destroy the process group if this process created one.
+
+    After a run that ``finished`` on every rank, the ranks first meet in a barrier: then no rank tears
+    its connections down while a peer still completes the last collective (a gloo rank once aborted
+    at exit that way). After a failure the barrier is skipped: the other ranks may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if finished and _active():
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer that failed after all: its own error is the one to report
+                pass
         dist.destroy_process_group()
 
 

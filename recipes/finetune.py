@@ -347,14 +347,17 @@ def _locked_finetune(args: Any, explicit: dict[str, Any], folder: RunFolder, mai
     if data["subset"] and main_process:  # which images the run trained on, to repeat or compare it
         lines = [f"{data['classes'][lab]}\t{path}" for path, lab in zip(*data["train"])]
         (folder.out / "train_subset.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    finished = False  # every rank got to the end: they can meet once more before tearing down
     env = dist_utils.setup(s["device"], timeout_minutes=s["dist_timeout"])
     try:
-        return Finetuner(s, env, folder, data, resume_path, state).run()
+        code = Finetuner(s, env, folder, data, resume_path, state).run()
+        finished = True
+        return code
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
-        dist_utils.cleanup()
+        dist_utils.cleanup(finished)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -102,15 +102,18 @@ def _locked_pretrain(args: Any, explicit: dict[str, Any], folder: Any, main_proc
             print(line, flush=True)
     explicit["out"] = str(folder.out)
     cfg = resolve_config(explicit, saved_cfg)
+    finished = False  # every rank got to the end: they can meet once more before tearing down
     env = dist_utils.setup(cfg.device, timeout_minutes=cfg.dist_timeout)
     try:
         trainer = Pretrainer(cfg, env, resume_path, saved_state)
-        return trainer.run(explicit)
+        code = trainer.run(explicit)
+        finished = True
+        return code
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
-        dist_utils.cleanup()
+        dist_utils.cleanup(finished)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -174,7 +174,7 @@ def test_dicom_without_pydicom_says_what_to_install(tmp_path: Path, monkeypatch:
     folder.mkdir()
     (folder / "x.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
-    with pytest.raises(RecipeError, match=r"pip install 'sparsify\[scans\]'") as info:
+    with pytest.raises(RecipeError, match=r"pip install 'sparsify-cnn\[scans\]'") as info:
         find_volumes(tmp_path)
     assert str(folder) in str(info.value)
 
