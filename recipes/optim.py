@@ -12,14 +12,23 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["NO_DECAY_NAME_PARTS", "betas_for_norm", "param_groups", "create_optimizer", "set_lr_and_wd"]
+__all__ = ["NO_DECAY_NAME_PARTS", "BETA_OPTIMIZERS", "betas_for_norm", "optimizer_betas", "param_groups", "create_optimizer", "set_lr_and_wd"]
 
 NO_DECAY_NAME_PARTS = ("mask_token", "gamma", "layer_scale", "ls1", "ls2", "ls.", "pos_embed", "cls_token")
+
+
+#: timm optimisers that take Adam-style betas (the rest, such as sgd, are built without them)
+BETA_OPTIMIZERS = ("lamb", "adamw", "adam", "lambc", "nlamb")
 
 
 def betas_for_norm(norm_type: str | None) -> tuple[float, float]:
     """(0.9, 0.999) for LayerNorm networks, (0.9, 0.95) otherwise (BatchNorm, GroupNorm, none)."""
     return (0.9, 0.999) if norm_type == "layer" else (0.9, 0.95)
+
+
+def optimizer_betas(opt: str, norm_type: str | None) -> tuple[float, float] | None:
+    """The betas ``opt`` is built with, or None for an optimiser that takes none (sgd, ...)."""
+    return betas_for_norm(norm_type) if opt in BETA_OPTIMIZERS else None
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -69,8 +78,9 @@ def create_optimizer(
     from timm.optim import create_optimizer_v2
 
     kwargs: dict = {"eps": eps}
-    if opt in ("lamb", "adamw", "adam", "lambc", "nlamb"):
-        kwargs["betas"] = betas_for_norm(norm_type)
+    betas = optimizer_betas(opt, norm_type)
+    if betas is not None:
+        kwargs["betas"] = betas
     if opt in ("lamb", "lambc"):
         kwargs["max_grad_norm"] = None
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)

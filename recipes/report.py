@@ -21,7 +21,7 @@ from .cli import format_size, warn
 from .config import PROG
 from .logs import plot_loss_curve, read_metrics
 from .models import portable_model_spec
-from .optim import betas_for_norm
+from .optim import optimizer_betas
 
 __all__ = [
     "PretrainRun",
@@ -220,10 +220,11 @@ def header(t: PretrainRun, start: int) -> None:
         rule = f"{cfg.base_lr:g} x {factor}"
         if cfg.min_lr:
             rule = f"max({rule}, {cfg.min_lr:g})"
+    betas = optimizer_betas(cfg.opt, t.norm_type)
     t.say(
         f"  {t.total_steps} steps (~{epochs:.3g} epochs of {t.steps_per_epoch} steps), "
         f"{t.plan.describe(t.env.world_size)}, peak lr {t.peak_lr:.3g} ({rule}), warm-up {t.warmup_steps} steps, "
-        f"{cfg.opt} betas {betas_for_norm(t.norm_type)}, wd {cfg.weight_decay}->{cfg.weight_decay_end}, "
+        f"{cfg.opt}{f' betas {betas}' if betas else ''}, wd {cfg.weight_decay}->{cfg.weight_decay_end}, "
         f"drop path {t.drop_path}"
     )
     t.say(

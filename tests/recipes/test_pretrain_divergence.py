@@ -68,6 +68,7 @@ def test_issue_scenario_far_too_high_lr_then_the_printed_advice(
     assert "No good checkpoint was written yet" in stderr
     code, stdout, stderr = run_pretrain([*cmd, *_advice(stderr)], capsys)
     assert code == 0, stderr
+    assert ", sgd, wd " in stdout  # the header names no betas for an optimiser that takes none
     got = losses(out)
     assert sorted(got) == list(range(1, 9)) and all(math.isfinite(v) for v in got.values())
     assert _finite_checkpoints(out) and _steps(out)[-1] == 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from sparsify.recipes.optim import betas_for_norm, create_optimizer, param_groups, set_lr_and_wd
+from sparsify.recipes.optim import betas_for_norm, create_optimizer, optimizer_betas, param_groups, set_lr_and_wd
 from sparsify.recipes.schedules import lr_at, wd_at
 from torch import nn
 
@@ -39,6 +39,12 @@ def test_lamb_from_timm_with_betas_by_norm() -> None:
     set_lr_and_wd(opt, 0.5, 0.1)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert all(g["lr"] == 0.5 for g in opt.param_groups)
+
+
+def test_sgd_is_built_without_betas() -> None:
+    opt = create_optimizer(param_groups(_WithToken(), 0.04), lr=1e-3, weight_decay=0.04, opt="sgd")
+    assert "betas" not in opt.param_groups[0]
+    assert optimizer_betas("sgd", "batch") is None and optimizer_betas("adamw", "layer") == (0.9, 0.999)
 
 
 def test_lr_schedule() -> None:
