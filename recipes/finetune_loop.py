@@ -51,11 +51,31 @@ def _worker_init(_: int) -> None:
     release_inherited_locks()
 
 
-def _first_conv_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return 3
+def input_channels(model: nn.Module, size: tuple[int, int]) -> int:
+    """The image channels ``model`` runs on: its first convolution's input channels, or fewer where a
+    space-to-depth stem (TResNet, pixel_unshuffle) multiplies them by k*k before it.
+
+    Only when the first convolution's count does not run is c / k^2 tried (k = 2, 3, ...), each with one
+    eval-mode forward of a blank image; the first count the model runs on wins.
+    """
+    first = next((int(m.in_channels) for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    candidates = [first] + [first // (k * k) for k in range(2, 17) if first % (k * k) == 0]
+    if len(candidates) == 1:
+        return first
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for chans in candidates:
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, chans, *size))
+            except (RuntimeError, ValueError):  # the wrong channel count: a shape mismatch somewhere inside
+                continue
+            return chans
+    finally:
+        for m, training in modes:
+            m.training = training
+    return first
 
 
 class Finetuner:
@@ -95,7 +115,7 @@ class Finetuner:
         self.fresh: list[str] = []
         if s["init"]:
             self.fresh = load_init(model, s["init"], allow_missing=head_prefixes(model))
-        channels = _first_conv_channels(model)
+        channels = s["in_chans"] or input_channels(model, size)
         self.channels = channels
         if channels == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD

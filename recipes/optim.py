@@ -12,7 +12,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["NO_DECAY_NAME_PARTS", "BETA_OPTIMIZERS", "betas_for_norm", "optimizer_betas", "param_groups", "create_optimizer", "set_lr_and_wd"]
+__all__ = [
+    "NO_DECAY_NAME_PARTS",
+    "BETA_OPTIMIZERS",
+    "betas_for_norm",
+    "optimizer_betas",
+    "param_groups",
+    "create_optimizer",
+    "set_lr_and_wd",
+]
 
 NO_DECAY_NAME_PARTS = ("mask_token", "gamma", "layer_scale", "ls1", "ls2", "ls.", "pos_embed", "cls_token")
 
