@@ -13,6 +13,7 @@ statistics estimated from the images shown).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,6 +79,23 @@ def _checkpoint_and_folder(run: str) -> tuple[Path, Path]:
     return path, folder
 
 
+def factory_from(model: str, run_cwd: str | None) -> str:
+    """The ``--model`` text of a run, readable from here: a relative factory file or module is looked up
+    where the run was started (``run_cwd``) when it is not found from the current directory."""
+    from .models import parse_model_spec
+
+    if not run_cwd or parse_model_spec(model).kind != "factory":
+        return model
+    module, _, attr = model.rpartition(":")
+    if module.endswith(".py") or "/" in module or os.sep in module:
+        path = Path(module).expanduser()
+        if not path.is_absolute() and not path.is_file() and (Path(run_cwd) / path).is_file():
+            return f"{Path(run_cwd) / path}:{attr}"
+    elif run_cwd not in sys.path:
+        sys.path.append(run_cwd)  # after everything else: a module importable from here still wins
+    return model
+
+
 def load_spark(
     checkpoint: str | Path, device: str = "cpu", input_size: tuple[int, int] | None = None
 ) -> tuple[Any, dict]:
@@ -104,7 +122,11 @@ def load_spark(
             "volume's centre); in Python, SparK.reconstruct and sparsify.save_reconstructions draw any volumes"
         )
     size = tuple(input_size or cfg["input_size"])
-    model = build_model(cfg["model"], in_chans=cfg.get("in_chans"), drop_path=float(cfg.get("drop_path") or 0.0))
+    model = build_model(
+        factory_from(cfg["model"], state.get("cwd")),
+        in_chans=cfg.get("in_chans"),
+        drop_path=float(cfg.get("drop_path") or 0.0),
+    )
     enc = sparsify.wrap(model, input_size=tuple(cfg["input_size"]))
     mask_ratio = cfg.get("mask_ratio") or (0.75 if min(size) >= 384 else 0.6)
     spark = sparsify.SparK(

@@ -391,6 +391,8 @@ class Pretrainer:
                     "step_in_epoch": step % self.steps_per_epoch,
                 },
                 "config": self.cfg.to_dict(),
+                # where the run started: a relative --model factory path is read from there later
+                "cwd": os.getcwd(),
                 "skipped_files": bad,
                 "first_loss": self.first_loss,
                 # what the config left to the model (None there): resume checks compare against these

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,28 @@ def test_clear_errors(run_folder, tmp_path, capsys, args, message):
     args = [a.replace("{run}", str(run_folder)) for a in args]
     assert reconstruct.main([*args, "--out", str(tmp_path / "x.png")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["file", "module"])
+def test_relative_factory_is_found_from_another_directory(tmp_path, monkeypatch, form):
+    """A run started in its project folder with ``--model nets.py:fn`` (or ``nets:fn``) reconstructs from anywhere."""
+    from _recipe_helpers import make_image_folder
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    module = f"nets_{form}_{tmp_path.name}"  # a fresh module name: nothing cached in sys.modules
+    source = Path(TINY.rpartition(":")[0]).read_text()
+    (project / f"{module}.py").write_text(source)
+    data = make_image_folder(tmp_path / "images", n=4, corrupt=0, size=(40, 52))
+    spec = f"{module}.py:tiny_cnn" if form == "file" else f"{module}:tiny_cnn"
+    monkeypatch.chdir(project)
+    args = ["--data", str(data), "--model", spec, "--input-size", "32", "--batch-size", "4", "--decoder-width",
+            "16", "--steps", "1", "--vis-images", "0", "--no-tensorboard", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert pretrain.main(args) == 0
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(project))])
+    monkeypatch.delitem(sys.modules, module, raising=False)  # imported by the run above, in this process
+    png = tmp_path / "grid.png"
+    assert reconstruct.main([str(tmp_path / "run"), "--out", str(png), "--max-images", "2"]) == 0
+    assert png.is_file()
