@@ -180,14 +180,38 @@ def portable_model_spec(text: str) -> str:
 
     What a backbone header stores: ``sparsify-finetune`` may run anywhere. Other specs are returned unchanged.
     """
+    file = _factory_file(text)
+    if file is None:
+        return text
+    path, attr = file
+    return f"{path.resolve()}:{attr}" if path.is_file() else text
+
+
+def spec_from_run(text: str, run_cwd: str | None) -> str:
+    """A run's ``--model`` text, readable from the current folder: a relative factory file or module not
+    found from here is looked up in ``run_cwd``, the folder the run was started in."""
+    if not run_cwd or parse_model_spec(text).kind != "factory":
+        return text
+    file = _factory_file(text)
+    if file is None:
+        if run_cwd not in sys.path:
+            sys.path.append(run_cwd)  # after everything else: a module importable from here still wins
+        return text
+    path, attr = file
+    if not path.is_absolute() and not path.is_file() and (Path(run_cwd) / path).is_file():
+        return f"{Path(run_cwd) / path}:{attr}"
+    return text
+
+
+def _factory_file(text: str) -> tuple[Path, str] | None:
+    """(file, function) of a factory written as a file path (``nets.py:fn``, ``src/nets:fn``), else None."""
     spec = parse_model_spec(text)
     if spec.kind != "factory":
-        return text
+        return None
     module_name, _, attr = spec.name.rpartition(":")
     if not (module_name.endswith(".py") or os.sep in module_name or "/" in module_name):
-        return text
-    path = Path(module_name).expanduser()
-    return f"{path.resolve()}:{attr}" if path.is_file() else text
+        return None
+    return Path(module_name).expanduser(), attr
 
 
 def wrap_for_command_line(wrap: Callable[..., Any], model: nn.Module, input_size: tuple[int, int]) -> Any:
@@ -229,8 +253,9 @@ def _load_factory(text: str) -> Callable[..., Any]:
     if not module_name or not attr:
         raise RecipeError(f"--model '{text}': a factory is written package.module:function")
     try:
-        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
-            path = Path(module_name).expanduser()
+        file = _factory_file(text)
+        if file is not None:
+            path = file[0]
             if not path.is_file():
                 raise RecipeError(f"--model '{text}': file '{module_name}' does not exist")
             spec = importlib.util.spec_from_file_location(path.stem, path)

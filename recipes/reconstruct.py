@@ -13,7 +13,6 @@ statistics estimated from the images shown).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,23 +78,6 @@ def _checkpoint_and_folder(run: str) -> tuple[Path, Path]:
     return path, folder
 
 
-def factory_from(model: str, run_cwd: str | None) -> str:
-    """The ``--model`` text of a run, readable from here: a relative factory file or module is looked up
-    where the run was started (``run_cwd``) when it is not found from the current directory."""
-    from .models import parse_model_spec
-
-    if not run_cwd or parse_model_spec(model).kind != "factory":
-        return model
-    module, _, attr = model.rpartition(":")
-    if module.endswith(".py") or "/" in module or os.sep in module:
-        path = Path(module).expanduser()
-        if not path.is_absolute() and not path.is_file() and (Path(run_cwd) / path).is_file():
-            return f"{Path(run_cwd) / path}:{attr}"
-    elif run_cwd not in sys.path:
-        sys.path.append(run_cwd)  # after everything else: a module importable from here still wins
-    return model
-
-
 def load_spark(
     checkpoint: str | Path, device: str = "cpu", input_size: tuple[int, int] | None = None
 ) -> tuple[Any, dict]:
@@ -109,7 +91,7 @@ def load_spark(
     import sparsify
 
     from . import checkpoint as ckpt
-    from .models import build_model
+    from .models import build_model, spec_from_run
 
     state, path = ckpt.load_checkpoint(checkpoint, fallback=False)
     cfg = dict(state.get("config") or {})
@@ -123,7 +105,7 @@ def load_spark(
         )
     size = tuple(input_size or cfg["input_size"])
     model = build_model(
-        factory_from(cfg["model"], state.get("cwd")),
+        spec_from_run(cfg["model"], state.get("cwd")),
         in_chans=cfg.get("in_chans"),
         drop_path=float(cfg.get("drop_path") or 0.0),
     )
