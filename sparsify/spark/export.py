@@ -14,8 +14,9 @@ pretrained config's, 1000 for ImageNet models; use ``num_classes=0`` for a headl
 A ``.safetensors`` export also describes where it came from, in the file's header metadata (strings,
 read back by :func:`backbone_metadata`): ``sparsify.model`` (the model spec, when the caller gives one),
 ``sparsify.in_chans``, ``sparsify.input_size``, ``sparsify.spatial_dims`` (1, 2 or 3),
-``sparsify.downsample_ratio`` and ``sparsify.patch_size`` (the mask patch; an int, or a list per axis
-where the axes differ), ``sparsify.stages`` (JSON: name, stride, channels per stage) and
+``sparsify.downsample_ratio``, ``sparsify.patch_size`` (the mask patch) and ``sparsify.size_multiple``
+(what input sizes must be multiples of; each an int, or a list per axis where the axes differ),
+``sparsify.stages`` (JSON: name, stride, channels per stage) and
 ``sparsify.version``, and ``sparsify.left_out`` (JSON: the names of the model's tensors the export
 leaves out, the head and anything after the last stage, e.g. EfficientNet's ``conv_head``/``bn2``; also
 printed when not empty). ``sparsify-finetune --init backbone.safetensors`` needs no ``--model``
@@ -101,6 +102,9 @@ def _header(encoder: nn.Module, model: str | None, extra: Mapping[str, Any] | No
         meta[f"{_META_PREFIX}spatial_dims"] = str(int(getattr(encoder, "spatial_dims", 2)))
         meta[f"{_META_PREFIX}downsample_ratio"] = json.dumps(_per_axis_json(ratio))
         meta[f"{_META_PREFIX}patch_size"] = json.dumps(_per_axis_json(getattr(encoder, "patch_size", None) or ratio))
+        # input sizes must be multiples of this: R, or more with a down-up block inside a stage
+        multiple = getattr(encoder, "size_multiple", None) or ratio
+        meta[f"{_META_PREFIX}size_multiple"] = json.dumps(_per_axis_json(multiple))
     stages = getattr(encoder, "stages", None)
     if stages:
         meta[f"{_META_PREFIX}stages"] = json.dumps(
@@ -186,8 +190,8 @@ def backbone_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Returns:
         a dict with any of ``model`` (str), ``in_chans`` (int), ``input_size`` ((H, W), (D, H, W) or
-        (L,)), ``spatial_dims`` (int), ``downsample_ratio`` and ``patch_size`` (int, or a tuple per
-        axis), ``stages`` (list of dicts) and ``version`` (str), plus any other ``sparsify.*`` entry as
+        (L,)), ``spatial_dims`` (int), ``downsample_ratio``, ``patch_size`` and ``size_multiple`` (int,
+        or a tuple per axis), ``stages`` (list of dicts) and ``version`` (str), plus any other ``sparsify.*`` entry as
         stored. Files exported before N-d support lack ``spatial_dims`` and ``patch_size``: they are 2-D,
         masked per downsample ratio.
 
@@ -217,7 +221,7 @@ def backbone_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             out[name] = json.loads(value)
         except json.JSONDecodeError:
             out[name] = value
-    for key in ("input_size", "downsample_ratio", "patch_size"):
+    for key in ("input_size", "downsample_ratio", "patch_size", "size_multiple"):
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
     for stage in out.get("stages") or []:
