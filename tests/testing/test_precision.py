@@ -18,21 +18,7 @@ from torch import nn
 import sparsify
 from sparsify.testing import check_canvas_invariant, rounding_allowance, rounding_layers
 from sparsify.testing._witness import _Witness
-
-
-class PreActBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride > 1 or cin != cout else None
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(out)
-        return skip + self.conv2(F.relu(self.bn2(self.conv1(out))))
+from tests.zoo.models import PreActBlock
 
 
 class PreActNet(nn.Module):

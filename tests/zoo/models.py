@@ -789,9 +789,8 @@ CASES: list[ZooCase] = [
     ZooCase("inception", InceptionLike, ["inc1", "inc2", "inc3"], covers="parallel branches"),
     ZooCase("gn_ws", GNWSNet, ["layer2", "layer3"], covers="weight standardisation, GroupNorm"),
     ZooCase("shufflenet", ShuffleLike, ["stage1", "stage2", "stage3"], covers="channel split and shuffle"),
-    # automatic discovery ends the stride-4 stage at the stem, before the down-up block: name the stages
-    ZooCase("hourglass", HourglassNet, ["hg", "layer1", "layer2"], covers="down-up with nearest upsample",
-            wrap_kwargs={"stages": ["hg", "layer1", "layer2"]}),
+    # automatic discovery ends the stride-4 stage after the down-up block, not at the stem (issue 17 item 4)
+    ZooCase("hourglass", HourglassNet, ["hg", "layer1", "layer2"], covers="down-up with nearest upsample"),
     ZooCase("gem_minmax", GeMNet, ["stage2", "stage3"], covers="3: torch.min values+indices, maxout"),
     ZooCase("eca", ECANet, ["layer1", "layer2"], covers="ECA 1-D conv"),
     ZooCase("split_attention", SplitAttnNet, ["layer1", "layer2"], covers="softmax over radix"),
