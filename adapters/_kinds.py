@@ -21,6 +21,7 @@ __all__ = [
     "pointwise_rule",
     "mixing_rule",
     "statistic_rule",
+    "zero_output",
     "passthrough_nonspatial",
     "module_preserves_zero",
     "module_is_nonneg",
@@ -203,3 +204,17 @@ def statistic_rule(masked: Callable[..., Any], input_index: int = 0, input_name:
         return Decision(out=out, masked=masked, mask_of=x)
 
     return rule
+
+
+def zero_output(rule: Callable[[NodeView], Decision]) -> Callable[[NodeView], Decision]:
+    """``rule`` with its output declared exactly zero at masked sites: for replacements that zero it
+    themselves (a normalisation that multiplies by the mask where it writes its output), so that no
+    mask multiply, and no second saved copy of the map, is needed before the next convolution."""
+
+    def zero_rule(view: NodeView) -> Decision:
+        decision = rule(view)
+        if isinstance(decision.out, Info) and decision.out.spatial is not None:
+            decision.out = decision.out.but(zero=True)
+        return decision
+
+    return zero_rule

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._kinds import module_preserves_zero, statistic_rule
+from ._kinds import module_preserves_zero, statistic_rule, zero_output
 from ._registry import Decision, Info, NodeView, Unsupported, register_rule
 from ._stats import first_active, mask_count
 
@@ -235,18 +235,6 @@ def _zeroed_fn(mask, input, running_mean=None, running_var=None, weight=None, bi
 BATCH_NORM_FUNCTIONS = (masked_batch_norm, masked_batch_norm_fn, _zeroed_module, _zeroed_fn)
 
 
-def _zero_output(rule):
-    """``rule`` with its output declared exactly zero at masked sites (the replacements above)."""
-
-    def zero_rule(view: NodeView) -> Decision:
-        decision = rule(view)
-        if isinstance(decision.out, Info) and decision.out.spatial is not None:
-            decision.out = decision.out.but(zero=True)
-        return decision
-
-    return zero_rule
-
-
 def _channel_first(rule):
     """``rule`` for a BatchNorm, refusing a map whose dim 1 is spatial (BatchNorm normalises dim 1)."""
 
@@ -261,11 +249,11 @@ def _channel_first(rule):
 
 
 #: The rule for BatchNorm over feature maps of every spatial rank (1-D nets use BatchNorm1d on (B, C, L)).
-FEATURE_MAP_RULE = _channel_first(_zero_output(statistic_rule(_zeroed_module)))
+FEATURE_MAP_RULE = _channel_first(zero_output(statistic_rule(_zeroed_module)))
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
              nn.LazyBatchNorm2d, nn.LazyBatchNorm3d):
     register_rule(_cls, FEATURE_MAP_RULE)
-register_rule(F.batch_norm, _channel_first(_zero_output(statistic_rule(_zeroed_fn))))
+register_rule(F.batch_norm, _channel_first(zero_output(statistic_rule(_zeroed_fn))))
 
 
 def _register_timm() -> None:
@@ -278,7 +266,7 @@ def _register_timm() -> None:
     for name in ("BatchNormAct2d", "SyncBatchNormAct"):
         cls = getattr(norm_act, name, None)
         if cls is not None:
-            register_rule(cls, _zero_output(statistic_rule(
+            register_rule(cls, zero_output(statistic_rule(
                 _zeroed_module, nonneg=lambda v: module_is_nonneg(getattr(v.module, "act", None)))))
 
 

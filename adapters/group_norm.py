@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._kinds import statistic_rule
+from ._kinds import statistic_rule, zero_output
 from ._registry import register_rule
 from ._stats import masked_moments
 
@@ -41,5 +41,25 @@ def masked_group_norm(module: nn.GroupNorm, x: torch.Tensor, mask: torch.Tensor 
     return masked_group_norm_fn(mask, x, module.num_groups, module.weight, module.bias, module.eps)
 
 
-register_rule(nn.GroupNorm, statistic_rule(masked_group_norm))
-register_rule(F.group_norm, statistic_rule(masked_group_norm_fn))
+def _zeroed_fn(mask, input, num_groups, weight=None, bias=None, eps=1e-5):
+    """What the rewrite calls: :func:`masked_group_norm_fn`, exactly zero at masked sites.
+
+    The mask multiplies the normalisation's own output in place (nothing saved it), so the next
+    convolution needs no masked copy of the map: the saved memory stays what dense GroupNorm saves.
+    """
+    y = masked_group_norm_fn(mask, input, num_groups, weight, bias, eps)
+    return y if mask is None else y.mul_(mask.to(y.dtype))
+
+
+def _zeroed_module(module: nn.GroupNorm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """What the rewrite calls for an ``nn.GroupNorm``: :func:`masked_group_norm`, zero at masked sites."""
+    if mask is None:
+        return module(x)
+    return _zeroed_fn(mask, x, module.num_groups, module.weight, module.bias, module.eps)
+
+
+#: Every function the rewrite may call for a GroupNorm (how ``SparseEncoder.norm_type`` recognises one).
+GROUP_NORM_FUNCTIONS = (masked_group_norm, masked_group_norm_fn, _zeroed_module, _zeroed_fn)
+
+register_rule(nn.GroupNorm, zero_output(statistic_rule(_zeroed_module)))
+register_rule(F.group_norm, zero_output(statistic_rule(_zeroed_fn)))

@@ -33,10 +33,14 @@ def masked_max(pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 def masked_average(pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
-    """``pool`` (any linear averaging pool) over active sites only; all-masked windows give 0."""
+                   mask: torch.Tensor, zero_input: bool = False) -> torch.Tensor:
+    """``pool`` (any linear averaging pool) over active sites only; all-masked windows give 0.
+
+    ``zero_input``: ``x`` is already zero at masked sites, so it is pooled as it is. Besides a multiply,
+    that spares a saved copy of the map: average pools keep their input for backward.
+    """
     m = mask.to(x.dtype)
-    num = pool(x * m)
+    num = pool(x if zero_input else x * m)
     den = pool(m)  # (B, 1, h, w): the fraction of active sites per window
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
@@ -56,13 +60,19 @@ def _counts_absent_as_zero(count_include_pad: bool, padding, divisor_override) -
     return divisor_override is not None or (bool(count_include_pad) and any(p > 0 for p in pads))
 
 
-def masked_avg_pool(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_avg_pool(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
+                    zero_input: bool = False) -> torch.Tensor:
     if mask is None:
         return module(x)
     if _counts_absent_as_zero(getattr(module, "count_include_pad", False), getattr(module, "padding", 0),
                               getattr(module, "divisor_override", None)):
-        return module(x * mask.to(x.dtype))
-    return masked_average(module, x, mask)
+        return module(x if zero_input else x * mask.to(x.dtype))
+    return masked_average(module, x, mask, zero_input)
+
+
+def _avg_pool_of_zeroed(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`masked_avg_pool` of a map the analysis knows is zero at masked sites."""
+    return masked_avg_pool(module, x, mask, zero_input=True)
 
 
 def masked_max_pool_fn(fn: Callable) -> Callable:
@@ -75,7 +85,8 @@ def masked_max_pool_fn(fn: Callable) -> Callable:
     return masked
 
 
-def masked_avg_pool_fn(fn: Callable) -> Callable:
+def masked_avg_pool_fn(fn: Callable, zero_input: bool = False) -> Callable:
+    """Mask-aware ``fn`` (a functional average pool); ``zero_input``: for inputs already zero at masked sites."""
     names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
     defaults = {"padding": 0, "count_include_pad": True, "divisor_override": None}
 
@@ -84,10 +95,10 @@ def masked_avg_pool_fn(fn: Callable) -> Callable:
             return fn(input, *args, **kwargs)
         given = {**defaults, **dict(zip(names, args)), **kwargs}
         if _counts_absent_as_zero(given["count_include_pad"], given["padding"], given["divisor_override"]):
-            return fn(input * mask.to(input.dtype), *args, **kwargs)
-        return masked_average(lambda t: fn(t, *args, **kwargs), input, mask)
+            return fn(input if zero_input else input * mask.to(input.dtype), *args, **kwargs)
+        return masked_average(lambda t: fn(t, *args, **kwargs), input, mask, zero_input)
 
-    masked.__name__ = f"masked_{getattr(fn, '__name__', 'avg_pool')}"
+    masked.__name__ = f"masked_{getattr(fn, '__name__', 'avg_pool')}{'_of_zeroed' if zero_input else ''}"
     return masked
 
 
@@ -113,7 +124,10 @@ def _excludes_own_padding(view: NodeView) -> bool:
     return any(p != 0 for p in pads) and not include
 
 
-def _pool_rule(masked, kind: str, adaptive: bool):
+def _pool_rule(masked, kind: str, adaptive: bool, masked_of_zeroed=None):
+    """The rule for one pooling op; ``masked_of_zeroed``: the replacement for inputs known zero at masked
+    sites (average pools: the input is pooled as it is)."""
+
     def rule(view: NodeView) -> Decision:
         x = view.arg(0, "input")
         info = view.info(x)
@@ -127,9 +141,10 @@ def _pool_rule(masked, kind: str, adaptive: bool):
                               view.module is None and view.arg(6 if not adaptive else 2, "return_indices",
                                                                False)):
             raise Unsupported("max pooling with return_indices")
+        replacement = masked_of_zeroed if masked_of_zeroed is not None and info.zero else masked
         if adaptive or _whole_map_kernel(view):
             # The output grid does not line up with the patch grid: treat it as pooled vectors.
-            return Decision(out=POOLED, masked=masked, mask_of=x)
+            return Decision(out=POOLED, masked=replacement, mask_of=x)
         if info.padded:
             # After an explicit zero pad the model's own border is zeros that count: masked sites are
             # treated alike (run unchanged on the zeroed input), the only way a masked canvas matches.
@@ -141,7 +156,7 @@ def _pool_rule(masked, kind: str, adaptive: bool):
             # multiply, often needed anyway) and run the pool as is.
             return Decision(out=Info(spatial=info.spatial, zero=False, nonneg=True), require_zero=[x])
         return Decision(out=Info(spatial=info.spatial, zero=False, nonneg=info.nonneg),
-                        masked=masked, mask_of=x)
+                        masked=replacement, mask_of=x)
 
     return rule
 
@@ -150,20 +165,22 @@ def _pool_rule(masked, kind: str, adaptive: bool):
 for _cls in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
     register_rule(_cls, _pool_rule(masked_max_pool, "max", adaptive=False))
 for _cls in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
-    register_rule(_cls, _pool_rule(masked_avg_pool, "avg", adaptive=False))
+    register_rule(_cls, _pool_rule(masked_avg_pool, "avg", adaptive=False, masked_of_zeroed=_avg_pool_of_zeroed))
 for _cls in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
     register_rule(_cls, _pool_rule(masked_max_pool, "max", adaptive=True))
 for _cls in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
-    register_rule(_cls, _pool_rule(masked_avg_pool, "avg", adaptive=True))
+    register_rule(_cls, _pool_rule(masked_avg_pool, "avg", adaptive=True, masked_of_zeroed=_avg_pool_of_zeroed))
 for _fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d):
     register_rule(_fn, _pool_rule(masked_max_pool_fn(_fn), "max", adaptive=False))
 for _fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d, torch._C._nn.avg_pool2d,
             torch._C._nn.avg_pool3d):
-    register_rule(_fn, _pool_rule(masked_avg_pool_fn(_fn), "avg", adaptive=False))
+    register_rule(_fn, _pool_rule(masked_avg_pool_fn(_fn), "avg", adaptive=False,
+                                  masked_of_zeroed=masked_avg_pool_fn(_fn, zero_input=True)))
 for _fn in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
     register_rule(_fn, _pool_rule(masked_max_pool_fn(_fn), "max", adaptive=True))
 for _fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
-    register_rule(_fn, _pool_rule(masked_avg_pool_fn(_fn), "avg", adaptive=True))
+    register_rule(_fn, _pool_rule(masked_avg_pool_fn(_fn), "avg", adaptive=True,
+                                  masked_of_zeroed=masked_avg_pool_fn(_fn, zero_input=True)))
 
 
 def _register_timm() -> None:
@@ -172,7 +189,8 @@ def _register_timm() -> None:
     except ImportError:
         return
     register_rule(MaxPool2dSame, _pool_rule(masked_max_pool, "max", adaptive=False))
-    register_rule(AvgPool2dSame, _pool_rule(masked_avg_pool, "avg", adaptive=False))
+    register_rule(AvgPool2dSame, _pool_rule(masked_avg_pool, "avg", adaptive=False,
+                                            masked_of_zeroed=_avg_pool_of_zeroed))
 
 
 _register_timm()

@@ -183,6 +183,7 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
         trial_infos, trial_decisions, trial_needed = walk(trial)
         if trial_needed <= trial:
             to_mask, infos, decisions = trial, trial_infos, trial_decisions
+    to_mask, infos, decisions = _mask_before_activations(walk, to_mask, infos, decisions)
     bad = []
     for node in to_mask:
         if not infos[node].aligned:
@@ -197,6 +198,37 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
                             + "\nUse padding that keeps sizes a whole fraction of the input, or register an "
                             "adapter for the enclosing module (sparsify.register_adapter).")
     return Analysis(infos=infos, decisions=decisions, to_mask=to_mask, input_node=input_node)
+
+
+def _mask_before_activations(walk, to_mask: set[fx.Node], infos: dict, decisions: dict):
+    """Move each multiply by the mask from an op's output to its only input, where that still works.
+
+    act(y * m) equals act(y) * m for an op that keeps 0 at 0, but ``act`` keeps a map for backward
+    (ReLU and LeakyReLU their output, in place or not): masked after it, the next convolution keeps a
+    second, masked copy; masked before it, both keep the same tensor. Each move is checked by a
+    walk of the graph (the node must come out zero by itself); the values are the same either way.
+    """
+    def spatial_inputs(node):
+        return [n for n in node.all_input_nodes if isinstance(infos.get(n), Info) and infos[n].spatial is not None]
+
+    todo = sorted(to_mask, key=lambda n: n.name)
+    while todo:
+        node = todo.pop()
+        if node not in to_mask:
+            continue
+        inputs = spatial_inputs(node)
+        if len(inputs) != 1:
+            continue
+        source = inputs[0]
+        if (source in to_mask or source.op == "placeholder" or len(source.users) != 1
+                or not infos[source].aligned or infos[source].zero):
+            continue
+        trial = (to_mask - {node}) | {source}
+        trial_infos, trial_decisions, trial_needed = walk(trial)
+        if trial_needed <= trial:
+            to_mask, infos, decisions = trial, trial_infos, trial_decisions
+            todo.append(source)  # and perhaps further up, through another activation
+    return to_mask, infos, decisions
 
 
 def _walk(gm, modules, shapes_a, shapes_b, size_a, size_b, grid, input_node, to_mask):

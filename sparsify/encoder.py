@@ -14,7 +14,7 @@ from torch import nn
 
 import sparsify.adapters  # noqa: F401  (registers the built-in rules)
 from sparsify.adapters.batch_norm import BATCH_NORM_FUNCTIONS
-from sparsify.adapters.group_norm import masked_group_norm, masked_group_norm_fn
+from sparsify.adapters.group_norm import GROUP_NORM_FUNCTIONS
 
 from ._geometry import Geometry, compact, per_axis
 from ._grid import check_total_stride, unaligned_stem
@@ -257,7 +257,7 @@ def _norm_type(gm: fx.GraphModule) -> str | None:
                 counts["batch"] += 1
             elif target in (F.layer_norm,):
                 counts["layer"] += 1
-            elif target in (F.group_norm, masked_group_norm, masked_group_norm_fn):
+            elif target is F.group_norm or target in GROUP_NORM_FUNCTIONS:
                 counts["group"] += 1
     best = max(counts, key=counts.get)
     return best if counts[best] else None
