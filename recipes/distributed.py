@@ -7,9 +7,9 @@ process and nothing here touches ``torch.distributed``.
 
 BatchNorm statistics are shared across ranks: the user's model is converted to
 ``nn.SyncBatchNorm`` before sparsify wraps it (sparsify's masked BatchNorm combines the per-rank
-counts, means and centred sums of squares for SyncBatchNorm modules), and the decoder's dense BatchNorm layers become
-``nn.SyncBatchNorm`` on CUDA or :class:`DistBatchNorm2d` on CPU (PyTorch's SyncBatchNorm refuses CPU
-tensors).
+counts, means and centred sums of squares for SyncBatchNorm modules), and the decoder's and densify
+layers' BatchNorms (1-D, 2-D or 3-D) become ``nn.SyncBatchNorm`` on CUDA or :class:`DistBatchNorm2d`
+(1d, 3d) and a cross-rank masked BatchNorm on CPU (PyTorch's SyncBatchNorm refuses CPU tensors).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ __all__ = [
     "unwrap",
     "broadcast_state",
     "average_gradients",
+    "DistBatchNorm1d",
     "DistBatchNorm2d",
+    "DistBatchNorm3d",
     "convert_dense_batchnorm",
     "convert_masked_batchnorm",
 ]
@@ -221,21 +223,23 @@ def _all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(x)
 
 
-class DistBatchNorm2d(nn.BatchNorm2d):
-    """A dense BatchNorm2d whose training statistics are all-reduced across ranks, on any device.
+class _DistBatchNorm:
+    """A dense BatchNorm (any rank) whose training statistics are all-reduced across ranks, on any device.
 
     Equivalent to ``nn.SyncBatchNorm`` (gradients flow through the all-reduce), but also runs on CPU
-    with the gloo backend. Outside training, or in a single process, it is plain BatchNorm2d.
+    with the gloo backend. Outside training, or in a single process, it is the plain BatchNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not (self.training and _active()):
-            return super().forward(x)
+            return super().forward(x)  # type: ignore[misc]
 
         c = x.shape[1]
+        dims = (0, *range(2, x.dim()))
+        per_channel = (1, c) + (1,) * (x.dim() - 2)
         xf = x.float()
         count = torch.full((1,), xf.numel() / c, dtype=torch.float32, device=x.device)
-        stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
         stats = _all_reduce_with_grad(stats)
         n = stats[-1]
         mean = stats[:c] / n
@@ -252,22 +256,47 @@ class DistBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             scale = scale * self.weight.float()
             shift = shift * self.weight.float() + self.bias.float()
-        y = xf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+        y = xf * scale.view(per_channel) + shift.view(per_channel)
         return y.to(x.dtype)
 
 
-def convert_dense_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replace plain ``nn.BatchNorm2d`` layers (not subclasses) by cross-rank versions, in place.
+class DistBatchNorm1d(_DistBatchNorm, nn.BatchNorm1d):
+    """:class:`DistBatchNorm2d` for (B, C) and (B, C, L) inputs (1-D signal networks' decoders)."""
 
-    CUDA: ``nn.SyncBatchNorm``; other devices: :class:`DistBatchNorm2d`. Parameters and buffers are
-    carried over. Meant for layers sparsify does not rewrite: SparK's decoder, or a model being fine-tuned.
+
+class DistBatchNorm2d(_DistBatchNorm, nn.BatchNorm2d):
+    """A dense BatchNorm2d whose training statistics are all-reduced across ranks, on any device.
+
+    Equivalent to ``nn.SyncBatchNorm`` (gradients flow through the all-reduce), but also runs on CPU
+    with the gloo backend. Outside training, or in a single process, it is plain BatchNorm2d.
+    """
+
+
+class DistBatchNorm3d(_DistBatchNorm, nn.BatchNorm3d):
+    """:class:`DistBatchNorm2d` for (B, C, D, H, W) inputs (volume networks' decoders)."""
+
+
+#: The cross-rank replacement of each plain BatchNorm class on devices without SyncBatchNorm.
+_DIST_BATCH_NORMS: dict[type, type] = {
+    nn.BatchNorm1d: DistBatchNorm1d,
+    nn.BatchNorm2d: DistBatchNorm2d,
+    nn.BatchNorm3d: DistBatchNorm3d,
+}
+
+
+def convert_dense_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Replace plain ``nn.BatchNorm1d/2d/3d`` layers (not subclasses) by cross-rank versions, in place.
+
+    CUDA: ``nn.SyncBatchNorm``; other devices: :class:`DistBatchNorm2d` (1d, 3d). Parameters and buffers
+    are carried over. Meant for layers sparsify does not rewrite: SparK's decoder, or a model being
+    fine-tuned.
     """
     for name, child in list(module.named_children()):
-        if type(child) is nn.BatchNorm2d:
+        if type(child) in _DIST_BATCH_NORMS:
             if device.type == "cuda":
                 new: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(child)
             else:
-                new = DistBatchNorm2d(
+                new = _DIST_BATCH_NORMS[type(child)](
                     child.num_features,
                     child.eps,
                     child.momentum,
@@ -285,29 +314,19 @@ def convert_dense_batchnorm(module: nn.Module, device: torch.device) -> nn.Modul
     return module
 
 
-def _masked_batchnorm_class() -> type[nn.Module] | None:
-    """sparsify's densify MaskedBatchNorm2d, if this version has one."""
-    try:
-        from sparsify.spark.densify import MaskedBatchNorm2d
-    except ImportError:
-        return None
-    return MaskedBatchNorm2d
-
-
 def convert_masked_batchnorm(module: nn.Module) -> nn.Module:
-    """Make SparK's densify masked BatchNorm layers share their statistics across ranks, in place.
+    """Make SparK's densify masked BatchNorm layers (every rank) share their statistics across ranks, in place.
 
     Each such layer's class is switched to a subclass whose training forward all-reduces the masked
     sums and counts (gradients flow through the all-reduce), so that N processes with batch b compute
     what one process with batch N*b would. Parameters, buffers and state_dict names are unchanged.
     """
-    base = _masked_batchnorm_class()
-    if base is None:
-        return module
-    dist_cls = _dist_masked_batchnorm(base)
+    from sparsify.spark.densify import MASKED_BATCH_NORMS
+
+    bases = set(MASKED_BATCH_NORMS.values())
     for child in module.modules():
-        if type(child) is base:
-            child.__class__ = dist_cls
+        if type(child) in bases:
+            child.__class__ = _dist_masked_batchnorm(type(child))
     return module
 
 
@@ -318,17 +337,19 @@ def _dist_masked_batchnorm(base: type[nn.Module]) -> type[nn.Module]:
     if base in _DIST_MASKED_CACHE:
         return _DIST_MASKED_CACHE[base]
 
-    class DistMaskedBatchNorm2d(base):  # type: ignore[misc, valid-type]
-        """Masked BatchNorm2d with statistics over the active sites of all ranks."""
+    class DistMaskedBatchNorm(base):  # type: ignore[misc, valid-type]
+        """Masked BatchNorm with statistics over the active sites of all ranks."""
 
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             if not (self.training and _active()):
                 return super().forward(x, mask)
 
             c = x.shape[1]
+            dims = (0, *range(2, x.dim()))
+            per_channel = (1, c) + (1,) * (x.dim() - 2)
             xf = x.float()
             w = mask.to(xf.dtype)
-            local = torch.cat([(xf * w).sum((0, 2, 3)), (xf * xf * w).sum((0, 2, 3)), w.sum().view(1)])
+            local = torch.cat([(xf * w).sum(dims), (xf * xf * w).sum(dims), w.sum().view(1)])
             stats = _all_reduce_with_grad(local)
             count = stats[-1]
             n = count.clamp(min=1.0)
@@ -341,7 +362,8 @@ def _dist_masked_batchnorm(base: type[nn.Module]) -> type[nn.Module]:
             if self.affine:
                 scale = scale * self.weight.float()
                 shift = shift * self.weight.float() + self.bias.float()
-            return (xf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)).to(x.dtype)
+            return (xf * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
 
-    _DIST_MASKED_CACHE[base] = DistMaskedBatchNorm2d
-    return DistMaskedBatchNorm2d
+    DistMaskedBatchNorm.__name__ = DistMaskedBatchNorm.__qualname__ = f"Dist{base.__name__}"
+    _DIST_MASKED_CACHE[base] = DistMaskedBatchNorm
+    return DistMaskedBatchNorm
