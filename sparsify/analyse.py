@@ -183,7 +183,7 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
         trial_infos, trial_decisions, trial_needed = walk(trial)
         if trial_needed <= trial:
             to_mask, infos, decisions = trial, trial_infos, trial_decisions
-    to_mask, infos, decisions = _mask_before_activations(walk, to_mask, infos, decisions)
+    to_mask, infos, decisions = _mask_before_activations(walk, to_mask, infos, decisions, shapes_a)
     bad = []
     for node in to_mask:
         if not infos[node].aligned:
@@ -200,7 +200,7 @@ def analyse(gm: fx.GraphModule, shapes_a: dict, shapes_b: dict, size_a: tuple[in
     return Analysis(infos=infos, decisions=decisions, to_mask=to_mask, input_node=input_node)
 
 
-def _mask_before_activations(walk, to_mask: set[fx.Node], infos: dict, decisions: dict):
+def _mask_before_activations(walk, to_mask: set[fx.Node], infos: dict, decisions: dict, shapes_a: dict):
     """Move each multiply by the mask from an op's output to its only input, where that still works.
 
     act(y * m) equals act(y) * m for an op that keeps 0 at 0, but ``act`` keeps a map for backward
@@ -223,6 +223,8 @@ def _mask_before_activations(walk, to_mask: set[fx.Node], infos: dict, decisions
         if (source in to_mask or source.op == "placeholder" or len(source.users) != 1
                 or not infos[source].aligned or infos[source].zero):
             continue
+        if shapes_a.get(source) != shapes_a.get(node) or infos[source].spatial != infos[node].spatial:
+            continue  # only across elementwise ops (activations, dropout): where a second copy is saved
         trial = (to_mask - {node}) | {source}
         trial_infos, trial_decisions, trial_needed = walk(trial)
         if trial_needed <= trial:

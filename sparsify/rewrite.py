@@ -121,7 +121,7 @@ def build_sparse_graph(gm: fx.GraphModule, analysis: Analysis, outputs: list[fx.
             return mask_nodes[key]
         # Maps with the same sizes at both example sizes have the same size at every size.
         sizes = tuple(shape[d] for shape in (shapes_a[node], shapes_b[node]) for d in info.spatial)
-        key = (sizes, info.spatial)
+        key = (sizes, info.spatial, len(shapes_a[node]))  # the mask's rank is the map's
         if key not in mask_nodes:
             mask_nodes[key] = graph.call_function(mask_like, (mask_in, new_node, info.spatial))
         return mask_nodes[key]

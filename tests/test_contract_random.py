@@ -43,6 +43,34 @@ def test_random_cnns_keep_the_contract(case):
     assert_sparse_semantics(case.model, case.x, case.mask)
 
 
+def _gate_net(pool_tail: bool) -> nn.Module:
+    from sparsify.testing.random_cnn import CNNSpec, ConcatSpec, ConvSpec, GRNSpec, PoolSpec, SESpec, SpatialGateSpec
+
+    def conv(out, kernel, stride=1, groups=2, norm="none"):
+        return ConvSpec(out=out, kernel=kernel, stride=stride, dilation=1, groups=groups, norm=norm, act="relu",
+                        bias=False, functional_act=False, pad_mode="conv", conv="module")
+
+    if pool_tail:
+        blocks = (conv(2, 2, 2), ConcatSpec(branches=((conv(2, 3), conv(2, 3)), (conv(2, 3, groups=1),))),
+                  GRNSpec(form="plain"), SpatialGateSpec(stats=("max",), kernel=3),
+                  PoolSpec(kind="max", kernel=3, stride=1, padding=1, ceil_mode=False, count_include_pad=False,
+                           functional=False, zero_pad=False))
+    else:
+        blocks = (conv(2, 1, 2), ConcatSpec(branches=((conv(2, 1, norm="bn"),), (conv(2, 1, norm="bn"),))),
+                  GRNSpec(form="plain"), SpatialGateSpec(stats=("max",), kernel=3),
+                  SESpec(reduced=1, act="relu", gate="sigmoid", pool="mean"), GRNSpec(form="plain"))
+    return build_cnn(CNNSpec(in_chans=2, blocks=blocks, head=None, seed=0, spatial_dims=2))
+
+
+@pytest.mark.parametrize("pool_tail,shape", [(True, (1, 2, 4, 2)), (True, (1, 2, 4, 6)), (False, (1, 2, 6, 4))])
+def test_maps_of_one_size_in_two_layouts_get_their_own_masks(pool_tail, shape):
+    """Draws that failed once (CI, 2026-12-05): GRN's channels-last maps and the gate's maps share sizes;
+    a mask cached by sizes and axis positions alone was reused at the wrong rank."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 1, shape[2] // 2, shape[3] // 2, dtype=torch.bool)
+    assert_sparse_semantics(_gate_net(pool_tail), x, mask)
+
+
 @settings(max_examples=15, **_SETTINGS)
 @given(case=sst.cnn_cases(allow_fully_masked=True, max_batch=3))
 def test_contract_holds_with_fully_masked_samples_in_the_batch(case):
