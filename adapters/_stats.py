@@ -143,8 +143,12 @@ def masked_sums(x: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]
     return n * k + s1, s2 + 2 * k * s1 + n * k.square(), n
 
 
-def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero ``x`` at masked sites (``mask`` is 0/1 and broadcastable); identity when mask is None."""
+def apply_mask(x: torch.Tensor, mask: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+    """Zero ``x`` at masked sites (``mask`` is 0/1 and broadcastable); identity when mask is None.
+
+    ``in_place``: multiply ``x`` itself, for a tensor that no autograd node saved (an op's fresh output
+    that only the caller holds): no new tensor, and nothing else to keep for backward.
+    """
     if mask is None:
         return x
-    return x * mask.to(x.dtype)
+    return x.mul_(mask.to(x.dtype)) if in_place else x * mask.to(x.dtype)

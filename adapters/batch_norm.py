@@ -14,7 +14,7 @@ from torch import nn
 
 from ._kinds import module_preserves_zero, statistic_rule, zero_output
 from ._registry import Decision, Info, NodeView, Unsupported, register_rule
-from ._stats import first_active, mask_count
+from ._stats import apply_mask, first_active, mask_count
 
 __all__ = ["masked_batch_norm", "masked_batch_norm_fn", "BATCH_NORM_FUNCTIONS"]
 
@@ -219,7 +219,7 @@ def _zeroed_module(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None
     if in_training and module_preserves_zero(getattr(module, "drop", None)) and module_preserves_zero(
             getattr(module, "act", None)):
         return y
-    return y * mask.to(y.dtype)
+    return apply_mask(y, mask)
 
 
 def _zeroed_fn(mask, input, running_mean=None, running_var=None, weight=None, bias=None, training=False,
@@ -228,7 +228,7 @@ def _zeroed_fn(mask, input, running_mean=None, running_var=None, weight=None, bi
     y = masked_batch_norm_fn(mask, input, running_mean, running_var, weight, bias, training, momentum, eps)
     if mask is None or training or running_mean is None:
         return y
-    return y * mask.to(y.dtype)
+    return apply_mask(y, mask)
 
 
 #: Every function the rewrite may call for a BatchNorm (how ``SparseEncoder.norm_type`` recognises one).

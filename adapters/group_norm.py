@@ -11,7 +11,7 @@ from torch import nn
 
 from ._kinds import statistic_rule, zero_output
 from ._registry import register_rule
-from ._stats import masked_moments
+from ._stats import apply_mask, masked_moments
 
 __all__ = ["masked_group_norm", "masked_group_norm_fn"]
 
@@ -47,8 +47,7 @@ def _zeroed_fn(mask, input, num_groups, weight=None, bias=None, eps=1e-5):
     The mask multiplies the normalisation's own output in place (nothing saved it), so the next
     convolution needs no masked copy of the map: the saved memory stays what dense GroupNorm saves.
     """
-    y = masked_group_norm_fn(mask, input, num_groups, weight, bias, eps)
-    return y if mask is None else y.mul_(mask.to(y.dtype))
+    return apply_mask(masked_group_norm_fn(mask, input, num_groups, weight, bias, eps), mask, in_place=True)
 
 
 def _zeroed_module(module: nn.GroupNorm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

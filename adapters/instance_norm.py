@@ -8,7 +8,7 @@ from torch import nn
 
 from ._kinds import statistic_rule, zero_output
 from ._registry import register_rule
-from ._stats import masked_moments
+from ._stats import apply_mask, masked_moments
 
 __all__ = ["masked_instance_norm", "masked_instance_norm_fn"]
 
@@ -46,14 +46,6 @@ def masked_instance_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor 
         module.momentum if module.momentum is not None else 0.0, module.eps)  # as nn.InstanceNorm does
 
 
-def _zeroed(y: torch.Tensor, mask: torch.Tensor | None, own_output: bool) -> torch.Tensor:
-    """``y`` zero at masked sites: in place where ``y`` is the masked path's own addcmul result (nothing
-    saved it), else a new tensor."""
-    if mask is None:
-        return y
-    return y.mul_(mask.to(y.dtype)) if own_output else y * mask.to(y.dtype)
-
-
 def _zeroed_module(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """What the rewrite calls: :func:`masked_instance_norm`, exactly zero at masked sites.
 
@@ -62,14 +54,15 @@ def _zeroed_module(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None
     masked input): the saved memory stays what dense InstanceNorm saves.
     """
     y = masked_instance_norm(module, x, mask)
-    return _zeroed(y, mask, module.training or not module.track_running_stats)
+    # in place where y is the masked path's own addcmul result; F.instance_norm's output otherwise
+    return apply_mask(y, mask, in_place=module.training or not module.track_running_stats)
 
 
 def _zeroed_fn(mask, input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                momentum=0.1, eps=1e-5):
     """What the rewrite calls for ``F.instance_norm``: :func:`masked_instance_norm_fn`, zero at masked sites."""
     y = masked_instance_norm_fn(mask, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    return _zeroed(y, mask, use_input_stats)
+    return apply_mask(y, mask, in_place=use_input_stats)
 
 
 for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LazyInstanceNorm1d,

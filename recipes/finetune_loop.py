@@ -58,8 +58,10 @@ def input_channels(model: nn.Module, size: tuple[int, int]) -> int:
     Only when the first convolution's count does not run is c / k^2 tried (k = 2, 3, ...), each with one
     eval-mode forward of a blank image; the first count the model runs on wins.
     """
+    from sparsify.encoder import in_chans_candidates
+
     first = next((int(m.in_channels) for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
-    candidates = [first] + [first // (k * k) for k in range(2, 17) if first % (k * k) == 0]
+    candidates = in_chans_candidates(first, 2)
     if len(candidates) == 1:
         return first
     modes = [(m, m.training) for m in model.modules()]

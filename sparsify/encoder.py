@@ -136,17 +136,22 @@ def _first_conv_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> 
                         "pass in_chans=... to sparsify.wrap")
 
 
+def in_chans_candidates(first_conv_channels: int, rank: int) -> list[int]:
+    """The input channel counts a network whose first convolution takes ``first_conv_channels`` may run
+    on, most likely first: that count, then c / k^rank (k = 2 .. 16) for a space-to-depth stem before
+    it (pixel_unshuffle, a reshape-permute, timm's SpaceToDepth)."""
+    blocks = [k**rank for k in range(2, 17)]
+    return [first_conv_channels] + [first_conv_channels // b for b in blocks if first_conv_channels % b == 0]
+
+
 def _infer_in_chans(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...]) -> tuple[int, dict]:
     """The input channels and the example shapes at ``size``.
 
     The first convolution's input channels, unless a space-to-depth stem (pixel_unshuffle, a
     reshape-permute, timm SpaceToDepth) comes before it and multiplies the channels by k ** rank: then
     the count the graph actually runs with, the first of c / k^rank for k = 2, 3, ... """
-    first = _first_conv_channels(model, gm)
-    block = [k ** len(size) for k in range(2, 17)]
-    candidates = [first] + [first // b for b in block if first % b == 0]
     error: SparsifyError | None = None
-    for chans in candidates:
+    for chans in in_chans_candidates(_first_conv_channels(model, gm), len(size)):
         try:
             return chans, record_shapes(gm, _example(model, chans, size))
         except SparsifyError as e:
